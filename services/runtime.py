@@ -1,0 +1,221 @@
+"""What every service shares: logging, the stop flag, counters, heartbeats and sockets.
+
+Signal handlers only set the stop flag; each service's loop polls with a timeout and checks it,
+so SIGTERM ends a service within one poll interval, after it flushed and closed its sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from typing import Iterable
+
+import zmq
+
+from services import wire
+from services.settings import Settings, SettingsError, load
+
+HEARTBEAT_INTERVAL = 2.0  # seconds; the UI calls a service dead after missing a few
+LINGER_MS = 500  # bounded: a stopping service never waits long for a peer that is gone
+# Sockets are created group-readable and -writable only: the run directory's group (the agent's)
+# decides who may connect to the raw stream and the internal endpoints.
+SOCKET_UMASK = 0o007
+
+log = logging.getLogger("parca_agent")
+
+
+def setup_logging(service: str, level: str) -> logging.Logger:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s {service} %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    return logging.getLogger(f"parca_agent.{service}")
+
+
+def load_settings_or_exit(service: str, argv: list[str] | None = None) -> Settings:
+    try:
+        return load(argv, prog=f"parca-agent-{service}")
+    except SettingsError as e:
+        print(f"parca-agent-{service}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGINT; loops check it between polls."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._event.set())
+        return self
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
+
+
+class Metrics:
+    """Counters and gauges by name and labels, sent in heartbeats, rendered by the UI."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def _key(self, name: str, labels: dict[str, str] | None):
+        return (f"{self.prefix}_{name}", tuple(sorted((labels or {}).items())))
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        with self._lock:
+            self._values[self._key(name, labels)] += amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self._values[self._key(name, labels)] = value
+
+    def get(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(self._key(name, labels), 0.0)
+
+    def snapshot(self) -> list[list]:
+        """``[[name, {labels}, value], ...]``: the heartbeat's ``metrics`` field."""
+        with self._lock:
+            return [[name, dict(labels), value] for (name, labels), value in self._values.items()]
+
+
+class RateLimitedLog:
+    """Logs a repeated problem at most once per interval, with how often it happened."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0):
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = defaultdict(int)
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self.interval:
+            extra = self._suppressed.pop(key, 0)
+            suffix = f" (and {extra} more like it)" if extra else ""
+            self.logger.warning("%s%s", message, suffix)
+            self._last[key] = now
+        else:
+            self._suppressed[key] += 1
+
+
+def prepare_run_dir(run_dir: str) -> None:
+    """Create the run directory if it is missing; sockets inherit its group (setgid)."""
+    os.makedirs(run_dir, exist_ok=True)
+
+
+def bind(sock: zmq.Socket, address: str) -> None:
+    """Bind, replacing a socket file left by a process that died without cleaning up."""
+    if address.startswith("ipc://"):
+        path = address[len("ipc://"):]
+        if os.path.exists(path):
+            os.unlink(path)
+        old = os.umask(SOCKET_UMASK)
+        try:
+            sock.bind(address)
+        finally:
+            os.umask(old)
+    else:
+        sock.bind(address)
+
+
+def unlink_endpoint(address: str) -> None:
+    if address.startswith("ipc://"):
+        try:
+            os.unlink(address[len("ipc://"):])
+        except FileNotFoundError:
+            pass
+
+
+def pub_socket(ctx: zmq.Context, addresses: Iterable[str], hwm: int = 1000) -> zmq.Socket:
+    """A PUB socket that never blocks its owner: a slow subscriber loses messages at the HWM."""
+    sock = ctx.socket(zmq.PUB)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    for a in addresses:
+        bind(sock, a)
+    return sock
+
+
+def sub_socket(ctx: zmq.Context, addresses: Iterable[str], topics: Iterable[bytes],
+               hwm: int = 10000) -> zmq.Socket:
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    # Reconnect quickly when a publisher restarts: profiles resume within a window.
+    sock.setsockopt(zmq.RECONNECT_IVL, 200)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    for t in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, t)
+    for a in addresses:
+        sock.connect(a)
+    return sock
+
+
+class Heartbeat:
+    """Publishes ``heartbeat.<service>`` with the service's metrics every few seconds."""
+
+    def __init__(self, service: str, publisher: wire.Publisher, metrics: Metrics):
+        self.service = service
+        self.publisher = publisher
+        self.metrics = metrics
+        self.started = time.time()
+        self._next = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+    def send(self, sock: zmq.Socket) -> None:
+        self._next = time.monotonic() + HEARTBEAT_INTERVAL
+        body = {"service": self.service, "pid": os.getpid(), "started": self.started,
+                "metrics": self.metrics.snapshot()}
+        send_nowait(sock, self.publisher.encode("heartbeat", body), self.metrics,
+                    socket_name=self.service)
+
+
+def send_nowait(sock: zmq.Socket, frames: list[bytes], metrics: Metrics, socket_name: str) -> bool:
+    """Send without blocking; count the message as dropped when the socket is full."""
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        metrics.inc("messages_dropped_total", socket=socket_name)
+        return False
+
+
+def receive(sock: zmq.Socket, metrics: Metrics, gaps: wire.GapCounter,
+            bad_log: RateLimitedLog) -> wire.Message | None:
+    """Read one message without blocking; malformed ones are counted, logged at a rate, dropped."""
+    try:
+        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+    except zmq.Again:
+        return None
+    try:
+        msg = wire.decode(frames)
+    except wire.WireError as e:
+        metrics.inc("messages_malformed_total", reason=e.reason)
+        bad_log.warning(e.reason, f"dropped a malformed message: {e}")
+        return None
+    lost = gaps.observe(msg)
+    if lost:
+        metrics.inc("messages_lost_total", lost, source=msg.src)
+    metrics.inc("messages_received_total", type=msg.type)
+    return msg
