@@ -75,6 +75,7 @@ def compile_c(source: str, out: Path, flags: list[str] | None = None, cc: str = 
 def build_chain_workload(directory: str | os.PathLike | None = None, name: str = "chain") -> Path:
     """Compile the main -> outer -> middle -> leaf workload and return its path."""
     directory = Path(directory or tempfile.mkdtemp(prefix="parca-agent-test-"))
+    directory.mkdir(parents=True, exist_ok=True)
     # Unprivileged services must be able to read the binary to symbolize it.
     os.chmod(directory, 0o755)
     return compile_c(CHAIN_SOURCE, directory / name)
