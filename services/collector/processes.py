@@ -1,0 +1,164 @@
+"""What the collector knows of each sampled process, and when to tell subscribers again.
+
+A process is read from /proc when it first appears in samples, again when a sample's user
+address falls outside its known mappings (it loaded a library: dlopen) or its start time
+changed (the pid was reused), and its metadata is republished every REPUBLISH_EVERY seconds
+while it is being sampled, so a subscriber that starts late catches up within one window.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+from services.collector import proc
+from services.collector.binary_cache import BinaryCache
+from services.collector.build_id import BuildIdCache
+
+REPUBLISH_EVERY = 10.0  # seconds: the default window, so a late aggregator loses at most one
+FORGET_AFTER = 60.0  # a process not sampled for this long is forgotten (bounded memory)
+REREAD_MAPS_AFTER = 1.0  # at most one maps re-read a second per process, whatever the samples say
+MAX_PROCESSES = 32768
+
+
+@dataclass
+class ProcessInfo:
+    pid: int
+    start_time: int
+    comm: str
+    executable: str
+    cmdline: list[str]
+    mappings: list[dict]
+    starts: list[int] = field(default_factory=list)
+    last_seen: float = 0.0
+    last_published: float = 0.0
+    maps_read_at: float = 0.0
+
+    def covers(self, address: int) -> bool:
+        i = bisect.bisect_right(self.starts, address) - 1
+        return i >= 0 and address < self.mappings[i]["limit"]
+
+    def body(self) -> dict:
+        return {"pid": self.pid, "start_time": self.start_time, "comm": self.comm,
+                "executable": self.executable, "cmdline": self.cmdline,
+                "mappings": self.mappings}
+
+
+class ProcessTable:
+    def __init__(self, proc_path: str, build_ids: BuildIdCache, binaries: BinaryCache | None,
+                 metrics=None):
+        self.proc_path = proc_path
+        self.build_ids = build_ids
+        self.binaries = binaries
+        self.metrics = metrics
+        self.processes: dict[int, ProcessInfo] = {}
+
+    def observe(self, pid: int, user_addresses: list[int], now: float | None = None) -> dict | None:
+        """Note that pid was sampled at these addresses; return its metadata if it must be
+        (re)published now, else None."""
+        now = time.monotonic() if now is None else now
+        info = self.processes.get(pid)
+        if info is None:
+            info = self._read(pid, now)
+            if info is None:
+                self._count("process_read_failures_total")
+                return None
+            self._remember(info)
+            info.last_seen = info.last_published = now
+            return info.body()
+        info.last_seen = now
+        if now - info.maps_read_at < REREAD_MAPS_AFTER:
+            return None
+        if all(info.covers(a) for a in user_addresses):
+            return None
+        fresh = self._read(pid, now)
+        if fresh is None:
+            return None
+        if fresh.start_time != info.start_time:
+            self._count("pid_reuses_total")
+        elif [m["start"] for m in fresh.mappings] == info.starts:
+            info.maps_read_at = now  # an address outside every file mapping (JIT, vsyscall)
+            return None
+        else:
+            self._count("process_remaps_total")
+        fresh.last_seen = fresh.last_published = now
+        self._remember(fresh)
+        return fresh.body()
+
+    def due_republish(self, now: float | None = None) -> list[dict]:
+        """Metadata of the processes sampled lately that were not published for a while."""
+        now = time.monotonic() if now is None else now
+        due = []
+        for info in self.processes.values():
+            if now - info.last_seen < FORGET_AFTER and now - info.last_published >= REPUBLISH_EVERY:
+                info.last_published = now
+                due.append(info.body())
+        return due
+
+    def forget_idle(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        idle = [pid for pid, i in self.processes.items() if now - i.last_seen >= FORGET_AFTER]
+        for pid in idle:
+            del self.processes[pid]
+        return len(idle)
+
+    def _remember(self, info: ProcessInfo) -> None:
+        self.processes[info.pid] = info
+        if len(self.processes) > MAX_PROCESSES:
+            oldest = min(self.processes.values(), key=lambda i: i.last_seen)
+            del self.processes[oldest.pid]
+
+    def _read(self, pid: int, now: float) -> ProcessInfo | None:
+        st = proc.read_stat(pid, self.proc_path)
+        entries = proc.read_maps(pid, self.proc_path)
+        if st is None or entries is None:
+            return None
+        host_ns = proc.same_mount_namespace(pid, self.proc_path)
+        mappings = [self._mapping(pid, e, host_ns) for e in entries]
+        mappings.sort(key=lambda m: m["start"])
+        return ProcessInfo(pid=pid, start_time=st.start_time, comm=st.comm,
+                           executable=proc.read_exe(pid, self.proc_path),
+                           cmdline=proc.read_cmdline(pid, self.proc_path), mappings=mappings,
+                           starts=[m["start"] for m in mappings], maps_read_at=now)
+
+    def _mapping(self, pid: int, entry: proc.MapEntry, host_ns: bool) -> dict:
+        mapping = {"start": entry.start, "limit": entry.limit, "offset": entry.offset,
+                   "path": entry.path, "build_id": "", "cache_path": ""}
+        if not entry.path.startswith("/"):
+            return mapping  # [vdso]
+        source = proc.mapped_file_path(pid, entry, self.proc_path)
+        build_id, ident = self.build_ids.lookup(source)
+        mapping["build_id"] = build_id
+        if build_id and self.binaries is not None and not _agent_can_read(entry.path, ident, host_ns):
+            self.binaries.request(build_id, source)
+            mapping["cache_path"] = self.binaries.path_for(build_id)
+        return mapping
+
+    def _count(self, name: str) -> None:
+        if self.metrics:
+            self.metrics.inc(name)
+
+
+def _agent_can_read(path: str, ident: tuple | None, host_ns: bool) -> bool:
+    """True when the unprivileged services can open the same file at the same path themselves."""
+    if not host_ns or ident is None:
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if (st.st_dev, st.st_ino) != ident[:2] or not st.st_mode & stat.S_IROTH:
+        return False
+    # Every folder on the way must let others through, or the agent's user cannot open it.
+    parent = os.path.dirname(path)
+    while parent not in ("/", ""):
+        try:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+        parent = os.path.dirname(parent)
+    return True

@@ -1,0 +1,206 @@
+"""The collector's loop: drain the kernel's counts every second, publish them with the stacks,
+kernel names and process metadata on the raw stream, and keep the in-kernel filter in step
+with discovery's targets."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import zmq
+
+from services import runtime, wire
+from services.collector.binary_cache import BinaryCache
+from services.collector.bpf_program import PROBLEM_NAMES, CpuSampler
+from services.collector.build_id import BuildIdCache
+from services.collector.kernel_symbols import KernelSymbols
+from services.collector.processes import ProcessTable
+from services.settings import Settings
+
+log = logging.getLogger("parca_agent.collector")
+
+DRAIN_INTERVAL = 1.0  # seconds: short against a 10 s window, long enough to fold repeats in-kernel
+FORGET_EVERY = 30.0
+# Kernel-side counters reported as stack_errors_total{kind=...}; -EFAULT on the kernel stack is
+# every user-mode sample and on the user stack every kernel thread: expected, reported apart.
+STACK_ERROR_KINDS = ("user_stack_collisions", "kernel_stack_collisions", "stack_other_errors")
+
+
+class Collector:
+    def __init__(self, settings: Settings, sampler: CpuSampler, metrics: runtime.Metrics,
+                 ctx: zmq.Context | None = None):
+        self.settings = settings
+        self.sampler = sampler
+        self.metrics = metrics
+        self.ctx = ctx or zmq.Context.instance()
+        runtime.prepare_run_dir(settings.run_dir)
+        self.address = wire.endpoint(settings.run_dir, wire.ENDPOINT_COLLECTOR)
+        addresses = [self.address]
+        if settings.tap_address:
+            addresses.append(f"tcp://{_zmq_tcp(settings.tap_address)}")
+        self.pub = runtime.pub_socket(self.ctx, addresses)
+        self.targets = runtime.sub_socket(
+            self.ctx, [wire.endpoint(settings.run_dir, wire.ENDPOINT_DISCOVERY)],
+            [wire.TOPIC_TARGETS])
+        self.publisher = wire.Publisher("collector")
+        self.heartbeat = runtime.Heartbeat("collector", self.publisher, metrics)
+        self.gaps = wire.GapCounter()
+        self.bad_log = runtime.RateLimitedLog(log)
+        self.kernel = KernelSymbols(os.path.join(settings.proc_path, "kallsyms"))
+        binaries = BinaryCache(os.path.join(settings.cache_dir, "binaries"),
+                               settings.binary_cache_max_bytes, metrics)
+        self.binaries = binaries
+        self.processes = ProcessTable(settings.proc_path, BuildIdCache(), binaries, metrics)
+        self._problems = {name: 0 for name in PROBLEM_NAMES}
+        self._last_drain_ns = time.time_ns()
+        self.filtering = False
+
+    def run(self, stop: runtime.StopFlag) -> None:
+        log.info("sampling every CPU at %d Hz; raw stream on %s", self.settings.sampling_frequency,
+                 self.address)
+        poller = zmq.Poller()
+        poller.register(self.targets, zmq.POLLIN)
+        next_drain = time.monotonic() + DRAIN_INTERVAL
+        next_forget = time.monotonic() + FORGET_EVERY
+        while not stop.is_set():
+            wait = max(0.0, next_drain - time.monotonic())
+            if poller.poll(min(wait, 0.5) * 1000):
+                self._read_targets()
+            now = time.monotonic()
+            if now >= next_drain:
+                self.drain_once()
+                next_drain = max(next_drain + DRAIN_INTERVAL, now + DRAIN_INTERVAL / 2)
+            if self.heartbeat.due():
+                self.heartbeat.send(self.pub)
+            if now >= next_forget:
+                self.processes.forget_idle()
+                next_forget = now + FORGET_EVERY
+        # Flush what the kernel counted since the last drain before going.
+        self.drain_once()
+
+    def _read_targets(self) -> None:
+        latest = None
+        while (msg := runtime.receive(self.targets, self.metrics, self.gaps, self.bad_log)):
+            if msg.type == "targets":
+                latest = msg  # only the newest snapshot matters: each one is complete
+        if latest is not None:
+            self.apply_targets(latest.body)
+
+    def apply_targets(self, body: dict) -> None:
+        try:
+            filtering = bool(body["filtering"])
+            cgroups, pids = set(), set()
+            for target in body["targets"]:
+                cgroups.update(int(c) for c in target.get("cgroup_ids", ()))
+                pids.update(int(p) for p in target.get("pids", ()))
+        except (TypeError, ValueError, KeyError, AttributeError):
+            self.metrics.inc("messages_malformed_total", reason="bad_targets")
+            return
+        self.sampler.set_filter(filtering, cgroups, pids)
+        if filtering != self.filtering:
+            log.info("in-kernel filter %s", f"on: {len(cgroups)} cgroups, {len(pids)} pids"
+                     if filtering else "off: profiling every process")
+        self.filtering = filtering
+        self.metrics.set("filter_cgroups", len(cgroups) if filtering else 0)
+        self.metrics.set("filter_pids", len(pids) if filtering else 0)
+
+    def drain_once(self) -> None:
+        started = time.perf_counter()
+        entries = self.sampler.drain_counts()
+        now_ns = time.time_ns()
+        stacks: list[list[int]] = []
+        index_of: dict[int, int] = {}
+        kernel_ids: set[int] = set()
+        lost = 0
+        for e in entries:
+            for sid in (e.user_stack_id, e.kernel_stack_id):
+                if sid >= 0 and sid not in index_of:
+                    addresses = self.sampler.take_stack(sid)
+                    if addresses is None:
+                        lost += 1
+                        index_of[sid] = -1
+                    else:
+                        index_of[sid] = len(stacks)
+                        stacks.append(addresses)
+            if e.kernel_stack_id >= 0:
+                kernel_ids.add(e.kernel_stack_id)
+
+        kernel_symbols: dict[int, str] = {}
+        for sid in kernel_ids:
+            i = index_of[sid]
+            if i >= 0:
+                for address in stacks[i]:
+                    if address not in kernel_symbols:
+                        kernel_symbols[address] = self.kernel.name(address)
+
+        records = []
+        user_addresses: dict[int, set[int]] = {}
+        total = 0
+        for e in entries:
+            u = index_of.get(e.user_stack_id, -1) if e.user_stack_id >= 0 else -1
+            k = index_of.get(e.kernel_stack_id, -1) if e.kernel_stack_id >= 0 else -1
+            records.append([e.pid, e.tid, e.cgroup_id, u, k, e.count])
+            total += e.count
+            if u >= 0:
+                user_addresses.setdefault(e.pid, set()).update(stacks[u])
+            else:
+                user_addresses.setdefault(e.pid, set())
+
+        # Metadata first, so a subscriber knows a process before its first samples arrive.
+        for pid, addresses in user_addresses.items():
+            body = self.processes.observe(pid, list(addresses))
+            if body is not None:
+                self._send("process", body)
+        for body in self.processes.due_republish():
+            self._send("process", body)
+
+        problems = self._update_problems(lost)
+        if records:
+            self._send("samples", {
+                "time_ns": now_ns, "duration_ns": now_ns - self._last_drain_ns,
+                "frequency": self.settings.sampling_frequency, "records": records,
+                "stacks": stacks, "kernel_symbols": kernel_symbols, "errors": problems})
+        self._last_drain_ns = now_ns
+        m = self.metrics
+        m.inc("samples_total", total)
+        m.inc("count_entries_drained_total", len(entries))
+        m.inc("stacks_resolved_total", len(stacks))
+        m.set("processes_tracked", len(self.processes.processes))
+        m.set("drain_seconds", time.perf_counter() - started)
+
+    def _update_problems(self, stacks_lost: int) -> dict[str, int]:
+        current = self.sampler.read_problems()
+        for name, value in current.items():
+            delta = value - self._problems.get(name, 0)
+            if delta <= 0:
+                continue
+            if name in STACK_ERROR_KINDS:
+                self.metrics.inc("stack_errors_total", delta, kind=name)
+            elif name == "count_map_full":
+                self.metrics.inc("samples_lost_total", delta, reason="count_map_full")
+            else:
+                self.metrics.inc(f"bpf_{name}_total", delta)
+        self._problems = current
+        if stacks_lost:
+            self.metrics.inc("stacks_lost_total", stacks_lost)
+        report = dict(current)
+        report["stacks_lost"] = int(self.metrics.get("stacks_lost_total"))
+        return report
+
+    def _send(self, mtype: str, body: dict) -> None:
+        runtime.send_nowait(self.pub, self.publisher.encode(mtype, body), self.metrics, "collector")
+        self.metrics.inc("messages_published_total", type=mtype)
+
+    def close(self) -> None:
+        self.binaries.stop()
+        self.pub.close()
+        self.targets.close()
+        runtime.unlink_endpoint(self.address)
+
+
+def _zmq_tcp(address: str) -> str:
+    from services.settings import parse_host_port
+
+    host, port = parse_host_port(address)
+    return f"{host or '*'}:{port}"
