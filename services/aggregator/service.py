@@ -1,0 +1,101 @@
+"""The aggregator's loop: the raw stream and discovery's targets in, one pprof profile per
+target and window out, to the shipper (acknowledged, never dropped) and the UI (PUB)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from services import runtime, wire
+from services.aggregator.symbols import Symbolizer
+from services.aggregator.windows import WindowAggregator
+from services.profile_channel import ProfileSender
+from services.settings import Settings
+
+log = logging.getLogger("parca_agent.aggregator")
+
+POLL_MS = 200
+
+
+class Aggregator:
+    def __init__(self, settings: Settings, metrics: runtime.Metrics,
+                 ctx: zmq.Context | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self.ctx = ctx or zmq.Context.instance()
+        runtime.prepare_run_dir(settings.run_dir)
+        run_dir = settings.run_dir
+        self.inputs = runtime.sub_socket(
+            self.ctx, [wire.endpoint(run_dir, wire.ENDPOINT_COLLECTOR)],
+            [wire.TOPIC_SAMPLES, wire.TOPIC_PROCESS])
+        self.targets = runtime.sub_socket(
+            self.ctx, [wire.endpoint(run_dir, wire.ENDPOINT_DISCOVERY)], [wire.TOPIC_TARGETS])
+        self.address = wire.endpoint(run_dir, wire.ENDPOINT_AGGREGATOR)
+        self.pub = runtime.pub_socket(self.ctx, [self.address])
+        self.shipper = ProfileSender(run_dir, ctx=self.ctx, metrics=metrics)
+        self.publisher = wire.Publisher("aggregator")
+        self.heartbeat = runtime.Heartbeat("aggregator", self.publisher, metrics)
+        self.gaps = wire.GapCounter()
+        self.bad_log = runtime.RateLimitedLog(log)
+        self.windows = WindowAggregator(settings.node, settings.profiling_duration,
+                                        settings.sampling_frequency,
+                                        Symbolizer(metrics=metrics), metrics)
+
+    def run(self, stop: runtime.StopFlag) -> None:
+        log.info("building %gs profiles from %s", self.settings.profiling_duration,
+                 wire.endpoint(self.settings.run_dir, wire.ENDPOINT_COLLECTOR))
+        poller = zmq.Poller()
+        poller.register(self.inputs, zmq.POLLIN)
+        poller.register(self.targets, zmq.POLLIN)
+        while not stop.is_set():
+            ready = dict(poller.poll(POLL_MS))
+            if self.targets in ready:
+                self._drain(self.targets)
+            if self.inputs in ready:
+                self._drain(self.inputs, limit=200)
+            for profile in self.windows.close_due():
+                self._publish(profile)
+            self.shipper.poll()
+            if self.heartbeat.due():
+                self.metrics.set("windows_open", len(self.windows.windows))
+                self.metrics.set("processes_known", len(self.windows.processes))
+                self.heartbeat.send(self.pub)
+        # Windows still open hold samples already taken: build them rather than lose them.
+        for profile in self.windows.close_due(force=True):
+            self._publish(profile)
+        deadline = time.monotonic() + 2.0
+        while self.shipper.pending() and time.monotonic() < deadline:
+            self.shipper.poll()
+            time.sleep(0.05)
+
+    def _drain(self, sock: zmq.Socket, limit: int = 1000) -> None:
+        for _ in range(limit):
+            msg = runtime.receive(sock, self.metrics, self.gaps, self.bad_log)
+            if msg is None:
+                return
+            try:
+                if msg.type == "samples":
+                    self.windows.add_samples(msg.body)
+                elif msg.type == "process":
+                    self.windows.add_process(msg.body)
+                elif msg.type == "targets":
+                    self.windows.apply_targets(msg.body)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+                # Right frames, wrong contents: count it and read on.
+                self.metrics.inc("messages_malformed_total", reason=f"bad_{msg.type}")
+                self.bad_log.warning(f"bad_{msg.type}", f"dropped a bad {msg.type} message: "
+                                     f"{type(e).__name__}")
+
+    def _publish(self, profile: dict) -> None:
+        self.shipper.send(profile)
+        runtime.send_nowait(self.pub, self.publisher.encode("profile", profile), self.metrics,
+                            "aggregator")
+        log.debug("profile %s: %d samples", profile["labels"], profile["samples"])
+
+    def close(self) -> None:
+        self.shipper.close()
+        for sock in (self.inputs, self.targets, self.pub):
+            sock.close()
+        runtime.unlink_endpoint(self.address)
