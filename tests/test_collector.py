@@ -1,0 +1,196 @@
+"""The collector on the real kernel: BPF sampling of a known workload, over the real stream."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from services import wire
+from services.collector import proc
+from services.collector.kernel_symbols import KernelSymbols
+from tests.helpers.services import (PYTHON, ROOT, Subscriber, service_env, start_service, stop,
+                                    wait_until)
+from tests.helpers.workload import build_chain_workload
+
+pytestmark = pytest.mark.bpf
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory):
+    from tests.conftest import IN_CI, bpf_missing_reason
+
+    reason = bpf_missing_reason()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"BPF test cannot run under CI=true: {reason}")
+        pytest.skip(reason)
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    cache_dir = str(tmp_path_factory.mktemp("cache"))
+    log = os.path.join(run_dir, "collector.log")
+    p = start_service("collector", service_env(run_dir, cache_dir), log)
+    sock = os.path.join(run_dir, wire.ENDPOINT_COLLECTOR)
+    assert wait_until(lambda: os.path.exists(sock) or p.poll() is not None, 60)
+    assert p.poll() is None, open(log).read()
+    yield run_dir, p, log
+    assert stop(p) == 0, open(log).read()
+    assert not os.path.exists(sock), "the collector left its socket file behind"
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_workload_samples_arrive_with_its_pid_count_and_mappings(collector, tmp_path):
+    run_dir, _, _ = collector
+    binary = build_chain_workload(tmp_path)
+    sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_SAMPLES, wire.TOPIC_PROCESS])
+    workload = subprocess.Popen([str(binary), "0", "100"])
+    try:
+        time.sleep(1.5)
+        ticks0, t0 = _cpu_ticks(workload.pid), time.monotonic()
+        counted, meta, addresses, batches = 0, None, set(), 0
+        for msg in sub.messages(6.0):
+            if msg.type == "process" and msg.body["pid"] == workload.pid:
+                meta = msg.body
+            elif msg.type == "samples":
+                batches += 1
+                stacks = msg.body["stacks"]
+                for pid, tid, cgroup, u, k, count in msg.body["records"]:
+                    if pid == workload.pid:
+                        counted += count
+                        assert tid == workload.pid  # single-threaded
+                        assert cgroup > 0
+                        if u >= 0:
+                            addresses.update(stacks[u])
+        elapsed = time.monotonic() - t0
+        share = (_cpu_ticks(workload.pid) - ticks0) / os.sysconf("SC_CLK_TCK") / elapsed
+    finally:
+        workload.kill()
+        workload.wait()
+        sub.close()
+    assert batches >= 4, "the collector publishes a batch about every second"
+    expected = 100 * elapsed * share
+    assert expected > 200
+    # Batches straddle the measured interval by up to a drain on each side.
+    assert abs(counted - expected) <= 0.25 * expected + 100, (counted, expected)
+    assert meta is not None, "no process metadata was published for the workload"
+    assert meta["executable"] == str(binary) and meta["comm"] == "chain"
+    own = [m for m in meta["mappings"] if m["path"] == str(binary)]
+    assert own and all(m["build_id"] for m in own)
+    readelf = subprocess.run(["readelf", "-n", str(binary)], capture_output=True, text=True).stdout
+    assert own[0]["build_id"] in readelf
+    in_binary = [a for a in addresses if any(m["start"] <= a < m["limit"] for m in own)]
+    # The leaf runs almost all the time: most user stacks start inside the binary itself.
+    assert len(in_binary) >= 3, (sorted(map(hex, addresses))[:10], own)
+
+
+def test_kernel_frames_come_with_names(collector):
+    run_dir, _, _ = collector
+    sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_SAMPLES])
+    # A workload that spends its time in the kernel: reading /dev/zero.
+    busy = subprocess.Popen(["dd", "if=/dev/zero", "of=/dev/null", "bs=1M", "count=100000"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        named = None
+        for msg in sub.messages(6.0):
+            for pid, _tid, _cg, _u, k, _count in msg.body["records"]:
+                if pid == busy.pid and k >= 0:
+                    names = [msg.body["kernel_symbols"][a] for a in msg.body["stacks"][k]]
+                    if any(n != "[unknown]" for n in names):
+                        named = names
+            if named:
+                break
+    finally:
+        busy.kill()
+        busy.wait()
+        sub.close()
+    assert named, "no named kernel stack for a process living in the kernel"
+    assert any("zero" in n or "clear" in n or "read" in n or "copy" in n for n in named), named
+
+
+def test_process_metadata_is_republished_for_late_subscribers(collector, tmp_path):
+    run_dir, _, _ = collector
+    binary = build_chain_workload(tmp_path)
+    workload = subprocess.Popen([str(binary), "0", "100"])
+    try:
+        time.sleep(3)  # first published before this subscriber exists
+        sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_PROCESS])
+        again = sub.wait_for(lambda m: m.body["pid"] == workload.pid, 14)
+        sub.close()
+    finally:
+        workload.kill()
+        workload.wait()
+    assert again is not None, "a late subscriber never learned of a running process"
+
+
+def test_dlopen_republishes_the_new_mapping(collector, tmp_path):
+    """A process that loads a library after its first samples is re-read and republished."""
+    run_dir, _, _ = collector
+    sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_PROCESS])
+    script = ("import ctypes, time\n"
+              "t = time.time()\n"
+              "while time.time() - t < 2: pass\n"
+              "lib = ctypes.CDLL('libz.so.1')\n"
+              "buf = ctypes.create_string_buffer(1 << 20)\n"
+              "t = time.time()\n"
+              "while time.time() - t < 6: lib.crc32(0, buf, 1 << 20)\n")
+    workload = subprocess.Popen([PYTHON, "-c", script])
+    try:
+        seen = sub.wait_for(lambda m: m.body["pid"] == workload.pid and any(
+            "libz" in mp["path"] for mp in m.body["mappings"]), 12)
+    finally:
+        workload.kill()
+        workload.wait()
+        sub.close()
+    assert seen is not None, "the collector did not republish the process after dlopen"
+
+
+def test_collector_refuses_without_root_in_one_line(tmp_path):
+    env = service_env(str(tmp_path), str(tmp_path))
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        PYTHON, "-m", "services.collector"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "root" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_proc_stat_survives_a_hostile_comm(tmp_path):
+    pid_dir = tmp_path / "42"
+    pid_dir.mkdir()
+    hostile = "a) (b c) 1 2 <script>"
+    fields = ["S"] + ["0"] * 18 + ["98765"] + ["0"] * 10
+    (pid_dir / "stat").write_text(f"42 ({hostile}) " + " ".join(fields))
+    st = proc.read_stat(42, str(tmp_path))
+    assert st.comm == hostile and st.start_time == 98765
+
+
+def test_maps_parsing_keeps_executable_file_mappings(tmp_path):
+    text = (b"55d0c0000000-55d0c0001000 r--p 00000000 08:01 123 /usr/bin/x\n"
+            b"55d0c0001000-55d0c0005000 r-xp 00001000 08:01 123 /usr/bin/x\n"
+            b"7f0000000000-7f0000001000 r-xp 00000000 00:00 0 \n"
+            b"7f0000100000-7f0000200000 r-xp 00002000 08:01 77 /tmp/gone with space (deleted)\n"
+            b"7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0 [vdso]\n"
+            b"garbage line\n")
+    entries = proc.parse_maps(text)
+    assert [(e.start, e.offset, e.path, e.deleted) for e in entries] == [
+        (0x55d0c0001000, 0x1000, "/usr/bin/x", False),
+        (0x7f0000100000, 0x2000, "/tmp/gone with space", True),
+        (0x7ffd00000000, 0, "[vdso]", False)]
+
+
+def test_kernel_symbols_name_addresses_by_nearest_preceding_text_symbol(tmp_path):
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text("ffffffff81000000 T _stext\nffffffff81000100 t helper\n"
+                        "ffffffff81000200 D some_data\nffffffffc0000000 t mod_fn\t[mymod]\n"
+                        "0000000000000000 T hidden_to_non_root\n")
+    ks = KernelSymbols(str(kallsyms))
+    assert ks.name(0xffffffff81000150) == "helper"
+    assert ks.name(0xffffffff81000250) == "helper"  # data symbols do not name code
+    assert ks.name(0xffffffffc0000010) == "mod_fn [mymod]"
+    assert ks.name(0x10) == "[unknown]"
