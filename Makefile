@@ -3,7 +3,7 @@
 VENV := .venv
 ARGS ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean readme-flags
 
 setup:
 	@bash scripts/setup.sh
@@ -19,3 +19,6 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) services/proto_gen build *.egg-info test-artifacts
+
+readme-flags: setup
+	$(VENV)/bin/python scripts/readme_flags.py

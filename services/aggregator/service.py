@@ -65,7 +65,7 @@ class Aggregator:
         # Windows still open hold samples already taken: build them rather than lose them.
         for profile in self.windows.close_due(force=True):
             self._publish(profile)
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 1.0  # within supervisord's stop wait
         while self.shipper.pending() and time.monotonic() < deadline:
             self.shipper.poll()
             time.sleep(0.05)
