@@ -120,7 +120,7 @@ def test_process_metadata_is_republished_for_late_subscribers(collector, tmp_pat
     try:
         time.sleep(3)  # first published before this subscriber exists
         sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_PROCESS])
-        again = sub.wait_for(lambda m: m.body["pid"] == workload.pid, 14)
+        again = sub.wait_for(lambda m: m.body["pid"] == workload.pid, 12)
         sub.close()
     finally:
         workload.kill()

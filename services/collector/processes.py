@@ -2,8 +2,8 @@
 
 A process is read from /proc when it first appears in samples, again when a sample's user
 address falls outside its known mappings (it loaded a library: dlopen) or its start time
-changed (the pid was reused), and its metadata is republished every REPUBLISH_EVERY seconds
-while it is being sampled, so a subscriber that starts late catches up within one window.
+changed (the pid was reused), and its metadata is republished while it is being sampled, every
+half window (within [1, 10] s), so a subscriber that starts late names it in its first window.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from services.collector import proc
 from services.collector.binary_cache import BinaryCache
 from services.collector.build_id import BuildIdCache
 
-REPUBLISH_EVERY = 10.0  # seconds: the default window, so a late aggregator loses at most one
 FORGET_AFTER = 60.0  # a process not sampled for this long is forgotten (bounded memory)
 REREAD_MAPS_AFTER = 1.0  # at most one maps re-read a second per process, whatever the samples say
 MAX_PROCESSES = 32768
@@ -49,8 +48,9 @@ class ProcessInfo:
 
 class ProcessTable:
     def __init__(self, proc_path: str, build_ids: BuildIdCache, binaries: BinaryCache | None,
-                 metrics=None):
+                 metrics=None, republish_every: float = 5.0):
         self.proc_path = proc_path
+        self.republish_every = min(10.0, max(1.0, republish_every))
         self.build_ids = build_ids
         self.binaries = binaries
         self.metrics = metrics
@@ -93,7 +93,7 @@ class ProcessTable:
         now = time.monotonic() if now is None else now
         due = []
         for info in self.processes.values():
-            if now - info.last_seen < FORGET_AFTER and now - info.last_published >= REPUBLISH_EVERY:
+            if now - info.last_seen < FORGET_AFTER and now - info.last_published >= self.republish_every:
                 info.last_published = now
                 due.append(info.body())
         return due

@@ -51,7 +51,8 @@ class Collector:
         binaries = BinaryCache(os.path.join(settings.cache_dir, "binaries"),
                                settings.binary_cache_max_bytes, metrics)
         self.binaries = binaries
-        self.processes = ProcessTable(settings.proc_path, BuildIdCache(), binaries, metrics)
+        self.processes = ProcessTable(settings.proc_path, BuildIdCache(), binaries, metrics,
+                                      republish_every=settings.profiling_duration / 2)
         self._problems = {name: 0 for name in PROBLEM_NAMES}
         self._last_drain_ns = time.time_ns()
         self.filtering = False

@@ -1,0 +1,112 @@
+"""End to end: `parca-agent` as a subprocess profiles a C workload; `go tool pprof` reads the
+profile from the agent's own URL; kill -9 of a service heals; SIGTERM leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.helpers.agent import Agent, bpf_programs
+from tests.helpers.services import wait_until
+from tests.helpers.workload import build_chain_workload
+
+pytestmark = [pytest.mark.bpf, pytest.mark.e2e]
+WINDOW = 3.0
+
+
+@pytest.fixture(scope="module")
+def agent():
+    from tests.conftest import IN_CI, bpf_missing_reason
+
+    reason = bpf_missing_reason()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"BPF test cannot run under CI=true: {reason}")
+        pytest.skip(reason)
+    before = bpf_programs()
+    a = Agent(duration=f"{WINDOW:g}s")
+    a.bpf_before = before
+    yield a
+    a.cleanup()
+
+
+@pytest.fixture(scope="module")
+def workload(agent):
+    # In a private folder (mode 0700 under pytest's tmp): the unprivileged aggregator cannot
+    # open it, so its names must come through the collector's binary cache.
+    directory = os.path.join(agent.base, "private")
+    os.makedirs(directory, mode=0o700)
+    binary = build_chain_workload(directory)
+    os.chmod(directory, 0o700)
+    proc = subprocess.Popen([str(binary), "0", "100"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def is_workload(proc):
+    return lambda labels: labels.get("pid") == str(proc.pid)
+
+
+def test_profile_reaches_the_ui_and_go_tool_pprof_reads_it(agent, workload):
+    go = require_tool("go")
+    target = agent.wait_for_profile(is_workload(workload), seconds=60)
+    assert target, f"no profile of the workload within 60 s:\n{agent.log()}"
+    labels = target["labels"]
+    assert labels["comm"] == "chain" and labels["node"] == os.uname().nodename
+    assert labels["executable"].endswith("/chain")
+    url = agent.url + target["profile_url"]
+    r = subprocess.run([go, "tool", "pprof", "-symbolize=none", "-top", url],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    top = [line.split() for line in r.stdout.splitlines() if line.strip().endswith("leaf")]
+    assert top, r.stdout
+    flat_share = float(top[0][1].rstrip("%"))
+    assert flat_share > 80, f"leaf should hold nearly all samples:\n{r.stdout}"
+    r = subprocess.run([go, "tool", "pprof", "-symbolize=none", "-traces", url],
+                       capture_output=True, text=True, timeout=120)
+    chains = [block.split() for block in r.stdout.split("-----------+")]
+    assert any(_is_subsequence(["leaf", "middle", "outer", "main"], c) for c in chains), r.stdout
+
+
+def _is_subsequence(wanted, words):
+    it = iter(words)
+    return all(w in it for w in wanted)
+
+
+@pytest.mark.parametrize("service", ["aggregator", "collector"])
+def test_kill_9_of_a_service_is_restarted_and_profiles_resume(agent, workload, service):
+    assert agent.wait_for_profile(is_workload(workload), seconds=60), agent.log()
+    pids = agent.service_pids()
+    assert set(pids) == {"collector", "discovery", "aggregator", "shipper", "ui"}, pids
+    os.kill(pids[service], signal.SIGKILL)
+    killed_at = time.time()
+    restarted = wait_until(lambda: agent.service_pids().get(service, pids[service]) != pids[service],
+                           15)
+    assert restarted, f"supervisord did not restart {service}:\n{agent.log()}"
+    assert all(agent.service_pids().get(s) == pids[s] for s in pids if s != service), \
+        "the other services must keep running"
+    # Resumes within two windows once the service is back (plus a drain and the window grace).
+    resumed = agent.wait_for_profile(is_workload(workload), after=killed_at + 0.5,
+                                     seconds=2 * WINDOW + 15)
+    assert resumed, f"no profile after kill -9 of {service}:\n{agent.log()}"
+    if service == "collector":
+        assert wait_until(lambda: bpf_programs() == agent.bpf_before + 1, 10), \
+            "the killed collector's BPF program stayed loaded"
+
+
+def test_sigterm_stops_everything_and_leaves_nothing(agent):
+    assert agent.service_pids(), "the agent is not running"
+    assert bpf_programs() == agent.bpf_before + 1
+    code, took = agent.terminate(timeout=10)
+    assert code == 0, agent.log()
+    assert took < 10
+    assert agent.descendants() == [], "a child process survived SIGTERM"
+    leftovers = [f for f in os.listdir(agent.run_dir)] if os.path.isdir(agent.run_dir) else []
+    assert leftovers == [], f"files left in the run directory: {leftovers}"
+    assert bpf_programs() == agent.bpf_before, "a BPF program survived SIGTERM"
