@@ -1,0 +1,1 @@
+"""Windows, targets, pprof building and symbolization."""

@@ -1,0 +1,227 @@
+"""Builds one pprof profile (profile.proto, gzipped) from symbolized stacks.
+
+Samples arrive as Python tuples and are merged in dicts; protobuf messages are made once, in
+``build``, from the merged tables: making messages per sample would cost more than the merging.
+Every location keeps its runtime address and mapping, symbolized or not, so that a store can
+re-symbolize from the mapping's build id.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+
+import services.proto_gen  # noqa: F401  (puts the generated packages on sys.path)
+from pprof import profile_pb2
+
+KERNEL_MAPPING = "[kernel.kallsyms]"
+PAGE = 4096
+# Level 1: on a 50,000-stack profile it took half the time of level 6 for a 2% larger file.
+GZIP_LEVEL = 1
+
+
+@dataclass(frozen=True)
+class MappingInfo:
+    """A mapped file of a process, as in /proc/<pid>/maps (limit is exclusive)."""
+    start: int
+    limit: int
+    offset: int
+    path: str
+    build_id: str  # hex, or "" when the file has none
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What symbolization found for one address; a None function means unknown."""
+    function: str | None
+    file: str = ""
+    line: int = 0
+
+
+UserFrame = tuple[MappingInfo | None, int, Frame | None]
+LabelKey = tuple[tuple[str, str | int], ...]
+
+
+class ProfileBuilder:
+    """Collects the samples of one target and window; ``build`` returns the gzipped profile."""
+
+    def __init__(self, period_ns: int, time_ns: int, duration_ns: int):
+        self.period_ns = period_ns
+        self.time_ns = time_ns
+        self.duration_ns = duration_ns
+        self._strings: dict[str, int] = {"": 0}
+        # mapping index -> MappingInfo (index 0: no mapping); ids are index, so they count from 1.
+        self._mappings: list[MappingInfo | None] = [None]
+        self._mapping_index: dict[MappingInfo, int] = {}
+        # Every MappingInfo object seen stays referenced here, so that its id() stays unique
+        # while _fast_location_ids uses it.
+        self._mapping_objects: dict[int, MappingInfo | None] = {}
+        self._kernel_index = 0
+        self._kernel_low = self._kernel_high = 0
+        self._named_mappings: set[int] = set()
+        self._files_mappings: set[int] = set()
+        self._lines_mappings: set[int] = set()
+        # Location rows are (mapping index, address, function id or 0, line); ids count from 1.
+        self._location_ids: dict[tuple[int, int], int] = {}  # (mapping index, address)
+        self._fast_location_ids: dict[tuple[int, int], int] = {}  # (id(mapping), address)
+        self._kernel_location_ids: dict[int, int] = {}  # address
+        self._locations: list[tuple[int, int, int, int]] = []
+        self._function_ids: dict[tuple[str, str], int] = {}
+        self._functions: list[tuple[int, int]] = []  # (name index, file index)
+        self._samples: dict[tuple[tuple[int, ...], LabelKey], int] = {}
+        self._sample_total = 0
+
+    @property
+    def sample_count(self) -> int:
+        """Samples added so far (the sum of counts, not the number of distinct stacks)."""
+        return self._sample_total
+
+    def add_sample(self, user: list[UserFrame], kernel: list[tuple[int, str]], count: int,
+                   labels: dict[str, str | int]) -> None:
+        """user: innermost-first (mapping, runtime address, frame); kernel: innermost-first
+        (address, function name). The pprof sample's location list is kernel frames first
+        (innermost), then user frames."""
+        # Fast path: one dict lookup per frame, keyed by the identity of the mapping object
+        # (callers pass the same MappingInfo objects again and again, and hashing a frozen
+        # dataclass rebuilds a tuple every time). Misses resolve by value in _resolve.
+        kernel_ids = [self._kernel_location_ids.get(a) for a, _ in kernel]
+        fast = self._fast_location_ids.get
+        user_ids = [fast((id(m), a)) for m, a, _ in user]
+        if None in kernel_ids:
+            kernel_ids = [lid or self._add_kernel_location(a, name)
+                          for lid, (a, name) in zip(kernel_ids, kernel)]
+        if None in user_ids:
+            user_ids = [lid or self._resolve(*frame) for lid, frame in zip(user_ids, user)]
+        ids = kernel_ids + user_ids
+        key = (tuple(ids), tuple(sorted(labels.items())) if labels else ())
+        samples = self._samples
+        samples[key] = samples.get(key, 0) + count
+        self._sample_total += count
+
+    def build(self) -> bytes:
+        """The gzipped serialized Profile."""
+        profile = profile_pb2.Profile()
+        string = self._string
+        for kind, unit in (("samples", "count"), ("cpu", "nanoseconds")):
+            profile.sample_type.add(type=string(kind), unit=string(unit))
+        profile.period_type.type = string("cpu")
+        profile.period_type.unit = string("nanoseconds")
+        profile.period = self.period_ns
+        profile.time_nanos = self.time_ns
+        profile.duration_nanos = self.duration_ns
+
+        period = self.period_ns
+        label_messages: dict[LabelKey, list[profile_pb2.Label]] = {}
+        add_sample = profile.sample.add
+        for (ids, label_key), count in self._samples.items():
+            labels = label_messages.get(label_key)
+            if labels is None:
+                labels = label_messages[label_key] = self._labels(label_key)
+            add_sample(location_id=ids, value=(count, count * period), label=labels)
+
+        self._add_mappings(profile)
+        Line = profile_pb2.Line
+        add_location = profile.location.add
+        for lid, (index, address, function_id, line) in enumerate(self._locations, 1):
+            lines = (Line(function_id=function_id, line=line),) if function_id else ()
+            add_location(id=lid, mapping_id=index, address=address, line=lines)
+        add_function = profile.function.add
+        for fid, (name, filename) in enumerate(self._functions, 1):
+            add_function(id=fid, name=name, system_name=name, filename=filename)
+        # Last: every other part has put its strings in the table by now.
+        profile.string_table.extend(self._strings)
+        return gzip.compress(profile.SerializeToString(), compresslevel=GZIP_LEVEL, mtime=0)
+
+    def _string(self, s: str) -> int:
+        index = self._strings.get(s)
+        if index is None:
+            index = self._strings[s] = len(self._strings)
+        return index
+
+    def _resolve(self, mapping: MappingInfo | None, address: int, frame: Frame | None) -> int:
+        """The location id of a user frame that missed the identity-keyed fast path."""
+        self._mapping_objects[id(mapping)] = mapping
+        index = 0
+        if mapping is not None:
+            index = self._mapping_index.get(mapping)
+            if index is None:
+                index = self._mapping_index[mapping] = len(self._mappings)
+                self._mappings.append(mapping)
+        lid = self._location_ids.get((index, address))
+        if lid is None:
+            lid = self._add_user_location(index, address, frame)
+        self._fast_location_ids[(id(mapping), address)] = lid
+        return lid
+
+    def _function(self, name: str, filename: str) -> int:
+        key = (name, filename)
+        fid = self._function_ids.get(key)
+        if fid is None:
+            self._functions.append((self._string(name), self._string(filename)))
+            fid = self._function_ids[key] = len(self._functions)
+        return fid
+
+    def _new_location(self, row: tuple[int, int, int, int]) -> int:
+        self._locations.append(row)
+        return len(self._locations)
+
+    def _add_user_location(self, index: int, address: int, frame: Frame | None) -> int:
+        function_id = line = 0
+        if frame is not None and frame.function is not None:
+            function_id = self._function(frame.function, frame.file)
+            line = frame.line
+            if index:
+                self._named_mappings.add(index)
+                if frame.file:
+                    self._files_mappings.add(index)
+                if line:
+                    self._lines_mappings.add(index)
+        lid = self._location_ids[(index, address)] = self._new_location(
+            (index, address, function_id, line))
+        return lid
+
+    def _add_kernel_location(self, address: int, name: str) -> int:
+        if not self._kernel_index:
+            # The mapping's range is filled in at build time from the addresses seen.
+            self._kernel_index = len(self._mappings)
+            self._mappings.append(None)
+            self._kernel_low = self._kernel_high = address
+        self._kernel_low = min(self._kernel_low, address)
+        self._kernel_high = max(self._kernel_high, address)
+        function_id = self._function(name, "") if name else 0
+        if function_id:
+            self._named_mappings.add(self._kernel_index)
+        lid = self._kernel_location_ids[address] = self._new_location(
+            (self._kernel_index, address, function_id, 0))
+        return lid
+
+    def _add_mappings(self, profile: profile_pb2.Profile) -> None:
+        string = self._string
+        # pprof reads the first mapping as the main binary: the kernel goes last.
+        order = [i for i in range(1, len(self._mappings)) if i != self._kernel_index]
+        for index in order + ([self._kernel_index] if self._kernel_index else []):
+            mapping = self._mappings[index]
+            if index == self._kernel_index:
+                # Page-aligned span of the kernel addresses seen: KASLR moves the kernel and
+                # its modules, and the profile has no better source for the range.
+                start = self._kernel_low & ~(PAGE - 1)
+                limit = (self._kernel_high | (PAGE - 1)) + 1
+                fields = dict(memory_start=start, memory_limit=limit, file_offset=0,
+                              filename=string(KERNEL_MAPPING), build_id=0)
+            else:
+                fields = dict(memory_start=mapping.start, memory_limit=mapping.limit,
+                              file_offset=mapping.offset, filename=string(mapping.path),
+                              build_id=string(mapping.build_id))
+            profile.mapping.add(id=index, has_functions=index in self._named_mappings,
+                                has_filenames=index in self._files_mappings,
+                                has_line_numbers=index in self._lines_mappings, **fields)
+
+    def _labels(self, label_key: LabelKey) -> list[profile_pb2.Label]:
+        string = self._string
+        labels = []
+        for key, value in label_key:
+            if isinstance(value, int):
+                labels.append(profile_pb2.Label(key=string(key), num=value))
+            else:
+                labels.append(profile_pb2.Label(key=string(key), str=string(value)))
+        return labels

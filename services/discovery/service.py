@@ -1,0 +1,124 @@
+"""The discovery loop: scan the sources, publish the whole set of targets on every change and
+every few seconds, send heartbeats, stop on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from services import runtime, wire
+from services.discovery import cgroups, sampling
+from services.discovery.kubernetes import PodWatcher, container_targets, start_pod_watcher
+from services.discovery.systemd import SystemdUnits
+from services.discovery.targets import Snapshot, assemble
+from services.settings import Settings
+
+# Processes come and go between pod events and unit restarts; a scan every 2 s keeps the
+# collector's filter within its 2 s budget of a new container's first process while reading
+# /proc/*/cgroup only half as often as every second would.
+RESCAN_SECONDS = 2.0
+# Unchanged snapshots are repeated this often, so a subscriber that starts late or lost a
+# message is whole again soon.
+REPUBLISH_SECONDS = 5.0
+# Services start together, and a PUB socket drops what it sends before a subscriber's
+# connection is up: repeat every second at first, so the collector gets its filter quickly.
+STARTUP_REPUBLISH_SECONDS = 1.0
+STARTUP_SECONDS = 10.0
+POLL_SECONDS = 0.2
+# With Kubernetes configured, the first snapshot waits this long for the first pod list: until
+# then we cannot tell a node with pods from a plain host, and guessing "plain host" would
+# profile every process for a moment.
+FIRST_LIST_WAIT_SECONDS = 3.0
+
+
+class Discovery:
+    """Builds a Snapshot from the active sources."""
+
+    def __init__(self, settings: Settings, log: logging.Logger, metrics: runtime.Metrics,
+                 pod_watcher: PodWatcher | None = None, use_dbus: bool = True):
+        self.settings = settings
+        self.metrics = metrics
+        self.mounts = cgroups.find_mounts(settings.cgroup_path)
+        self.pod_watcher = pod_watcher
+        self.units = (SystemdUnits(settings.systemd_units, settings.node, self.mounts, log,
+                                   metrics, use_dbus=use_dbus)
+                      if settings.systemd_units else None)
+
+    def snapshot(self) -> Snapshot:
+        started = time.monotonic()
+        kubernetes = None
+        if self.pod_watcher is not None and self.pod_watcher.synced.is_set():
+            scan = cgroups.scan_containers(self.settings.proc_path)
+            kubernetes = container_targets(self.pod_watcher.containers(), scan,
+                                           self.mounts.unified, self.settings.node)
+        systemd = self.units.targets() if self.units is not None else None
+        assembled = assemble(kubernetes, systemd, self.settings.host_processes)
+        kept = tuple(sampling.sample(assembled.targets, self.settings.sampling_ratio))
+        self.metrics.set("scan_seconds", time.monotonic() - started)
+        self.metrics.inc("scans_total")
+        self.metrics.set("targets", len(kept))
+        self.metrics.set("targets_sampled_out", len(assembled.targets) - len(kept))
+        return Snapshot(targets=kept, filtering=assembled.filtering)
+
+
+def run(settings: Settings, stop: runtime.StopFlag, log: logging.Logger,
+        metrics: runtime.Metrics) -> None:
+    runtime.prepare_run_dir(settings.run_dir)
+    address = wire.endpoint(settings.run_dir, wire.ENDPOINT_DISCOVERY)
+    ctx = zmq.Context()
+    sock = runtime.pub_socket(ctx, [address])
+    publisher = wire.Publisher("discovery")
+    heartbeat = runtime.Heartbeat("discovery", publisher, metrics)
+    errors = runtime.RateLimitedLog(log)
+
+    pod_watcher = None
+    if settings.kubernetes:
+        pod_watcher = start_pod_watcher(settings.kubeconfig, settings.node,
+                                        settings.pod_label_selector, log, metrics)
+    discovery = Discovery(settings, log, metrics, pod_watcher)
+    log.info("discovery publishing on %s (kubernetes: %s, systemd units: %s)", address,
+             "configured" if pod_watcher else "off", ",".join(settings.systemd_units) or "none")
+
+    started = time.monotonic()
+    next_scan = started
+    next_publish = started
+    last_body = None
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            waiting_for_pods = (pod_watcher is not None and not pod_watcher.synced.is_set()
+                                and now - started < FIRST_LIST_WAIT_SECONDS)
+            pods_changed = pod_watcher is not None and pod_watcher.changed.is_set()
+            body = None
+            if not waiting_for_pods and (now >= next_scan or pods_changed):
+                if pod_watcher is not None:
+                    pod_watcher.changed.clear()
+                next_scan = now + RESCAN_SECONDS
+                try:
+                    body = discovery.snapshot().to_wire()
+                except Exception as e:  # a scan must never end the service
+                    metrics.inc("scan_errors_total", reason=type(e).__name__)
+                    errors.warning("scan", f"scan failed: {e!r}")
+            if body is not None and body != last_body:
+                log.info("targets: %d (filtering: %s)", len(body["targets"]), body["filtering"])
+                last_body = body
+                next_publish = now
+            if last_body is not None and now >= next_publish:
+                frames = publisher.encode("targets", last_body)
+                if runtime.send_nowait(sock, frames, metrics, socket_name="discovery"):
+                    metrics.inc("snapshots_published_total")
+                starting = now - started < STARTUP_SECONDS
+                next_publish = now + (STARTUP_REPUBLISH_SECONDS if starting
+                                      else REPUBLISH_SECONDS)
+            if heartbeat.due():
+                heartbeat.send(sock)
+            stop.wait(POLL_SECONDS)
+    finally:
+        if pod_watcher is not None:
+            pod_watcher.stop()
+        sock.close()
+        ctx.term()
+        runtime.unlink_endpoint(address)
+        log.info("discovery stopped")

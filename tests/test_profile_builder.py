@@ -1,0 +1,169 @@
+"""ProfileBuilder's output, read back with the generated protobuf code and with `go tool pprof`
+(-symbolize=none, so pprof shows only what the profile carries)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+from collections import Counter
+
+import pytest
+
+import services.proto_gen  # noqa: F401  (puts the generated packages on sys.path)
+from pprof import profile_pb2
+from services.aggregator.profile_builder import Frame, MappingInfo, ProfileBuilder
+from tests.conftest import require_tool
+
+PERIOD = 10_000_000
+TIME = 1_700_000_000_000_000_000
+EXE = MappingInfo(0x555555554000, 0x555555556000, 0x1000, "/usr/bin/app", "ab" * 20)
+LIBC = MappingInfo(0x7F0000000000, 0x7F0000100000, 0x28000, "/lib/libc.so.6", "cd" * 20)
+LEAF = (EXE, 0x555555554100, Frame("leaf", "/src/app.c", 12))
+MAIN = (EXE, 0x555555554200, Frame("main", "/src/app.c", 30))
+MAIN_AGAIN = (EXE, 0x555555554280, Frame("main", "/src/app.c", 31))  # same function
+LIBC_UNKNOWN = (LIBC, 0x7F0000000500, None)
+UNMAPPED = (None, 0x1234, None)
+SYSCALL = (0xFFFFFFFF81001000, "do_syscall_64")
+ENTRY = (0xFFFFFFFF81F00010, "entry_SYSCALL_64")
+
+
+def example() -> ProfileBuilder:
+    builder = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    labels = {"pid": 42, "comm": "app", "thread": 43}
+    builder.add_sample([LEAF, MAIN, LIBC_UNKNOWN], [SYSCALL, ENTRY], 3, labels)
+    builder.add_sample([LEAF, MAIN, LIBC_UNKNOWN], [SYSCALL, ENTRY], 4, dict(labels))  # merges
+    # Equal but distinct MappingInfo objects must land on the same mapping.
+    builder.add_sample([(MappingInfo(*vars(EXE).values()), LEAF[1], LEAF[2]), MAIN_AGAIN], [], 2,
+                       {"pid": 42, "comm": "app", "thread": 44})
+    builder.add_sample([UNMAPPED, MAIN], [], 5, {"pid": 7, "comm": "other"})
+    return builder
+
+
+def parse(blob: bytes) -> profile_pb2.Profile:
+    profile = profile_pb2.Profile()
+    profile.ParseFromString(gzip.decompress(blob))
+    return profile
+
+
+@pytest.fixture(scope="module")
+def profile_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pprof") / "cpu.pb.gz"
+    path.write_bytes(example().build())
+    return path
+
+
+def test_header_sample_types_and_period():
+    builder = example()
+    assert builder.sample_count == 14
+    p = parse(builder.build())
+    s = p.string_table
+    assert [(s[t.type], s[t.unit]) for t in p.sample_type] == \
+        [("samples", "count"), ("cpu", "nanoseconds")]
+    assert (s[p.period_type.type], s[p.period_type.unit]) == ("cpu", "nanoseconds")
+    assert (p.period, p.time_nanos, p.duration_nanos) == (PERIOD, TIME, 10_000_000_000)
+
+
+def test_tables_are_deduplicated_and_ids_are_consistent():
+    p = parse(example().build())
+    s = p.string_table
+    assert s[0] == "" and len(set(s)) == len(s)
+    assert [m.id for m in p.mapping] and sorted(m.id for m in p.mapping) == \
+        list(range(1, len(p.mapping) + 1))
+    assert [s[m.filename] for m in p.mapping] == ["/usr/bin/app", "/lib/libc.so.6",
+                                                  "[kernel.kallsyms]"]
+    assert len({(l.mapping_id, l.address) for l in p.location}) == len(p.location) == 7
+    assert len({(f.name, f.filename) for f in p.function}) == len(p.function) == 4
+    assert sorted(l.id for l in p.location) == list(range(1, 8))
+    assert sorted(f.id for f in p.function) == list(range(1, 5))
+    # "main" at two addresses: two locations, one function.
+    names = Counter(s[p.function[l.line[0].function_id - 1].name] for l in p.location if l.line)
+    assert names["main"] == 2
+
+
+def test_mappings_carry_ranges_build_ids_and_flags():
+    p = parse(example().build())
+    s = p.string_table
+    by_name = {s[m.filename]: m for m in p.mapping}
+    exe, libc, kernel = by_name["/usr/bin/app"], by_name["/lib/libc.so.6"], \
+        by_name["[kernel.kallsyms]"]
+    assert (exe.memory_start, exe.memory_limit, exe.file_offset, s[exe.build_id]) == \
+        (EXE.start, EXE.limit, EXE.offset, EXE.build_id)
+    assert exe.has_functions and exe.has_filenames and exe.has_line_numbers
+    assert not libc.has_functions and s[libc.build_id] == LIBC.build_id
+    assert kernel.has_functions
+    assert kernel.memory_start <= SYSCALL[0] and ENTRY[0] < kernel.memory_limit
+    assert kernel.memory_start % 4096 == 0 and kernel.memory_limit % 4096 == 0
+
+
+def test_locations_keep_addresses_and_unknown_frames_have_no_line():
+    p = parse(example().build())
+    by_address = {l.address: l for l in p.location}
+    mapping_ids = {p.string_table[m.filename]: m.id for m in p.mapping}
+    unknown = by_address[LIBC_UNKNOWN[1]]
+    assert unknown.mapping_id == mapping_ids["/lib/libc.so.6"] and not unknown.line
+    unmapped = by_address[UNMAPPED[1]]
+    assert unmapped.mapping_id == 0 and not unmapped.line
+    leaf = by_address[LEAF[1]]
+    assert leaf.mapping_id == mapping_ids["/usr/bin/app"] and leaf.line[0].line == 12
+    assert by_address[SYSCALL[0]].mapping_id == mapping_ids["[kernel.kallsyms]"]
+
+
+def test_identical_samples_merge_and_labels_are_typed():
+    p = parse(example().build())
+    s = p.string_table
+    addresses = {l.id: l.address for l in p.location}
+    samples = {}
+    for sample in p.sample:
+        labels = {s[l.key]: (s[l.str] if l.str else l.num) for l in sample.label}
+        stack = tuple(addresses[i] for i in sample.location_id)
+        samples[(stack, labels["thread"] if "thread" in labels else None)] = \
+            (list(sample.value), labels)
+        for label in sample.label:
+            assert bool(label.str) != bool(label.num)  # exactly one of str / num is set
+    assert len(p.sample) == 3
+    full = (SYSCALL[0], ENTRY[0], LEAF[1], MAIN[1], LIBC_UNKNOWN[1])  # kernel first
+    assert samples[(full, 43)] == ([7, 7 * PERIOD], {"pid": 42, "comm": "app", "thread": 43})
+    assert samples[((LEAF[1], MAIN_AGAIN[1]), 44)][0] == [2, 2 * PERIOD]
+    assert samples[((UNMAPPED[1], MAIN[1]), None)] == ([5, 5 * PERIOD],
+                                                       {"pid": 7, "comm": "other"})
+
+
+def pprof(*args: str, path) -> str:
+    require_tool("go")
+    env = dict(os.environ, HOME=str(path.parent), PPROF_TMPDIR=str(path.parent))
+    done = subprocess.run(["go", "tool", "pprof", "-symbolize=none", *args, str(path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_go_pprof_raw_shows_mappings_build_ids_and_functions(profile_file):
+    out = pprof("-raw", path=profile_file)
+    assert "PeriodType: cpu nanoseconds" in out and f"Period: {PERIOD}" in out
+    assert "samples/count cpu/nanoseconds" in out
+    assert f"7   {7 * PERIOD}" in out and f"5   {5 * PERIOD}" in out
+    assert f"/usr/bin/app {EXE.build_id} [FN][FL][LN]" in out
+    assert f"/lib/libc.so.6 {LIBC.build_id}" in out
+    assert "[kernel.kallsyms]" in out and "do_syscall_64" in out
+    assert "leaf /src/app.c:12" in out
+    assert "pid:[42]" in out and "comm:[app]" in out
+
+
+def test_go_pprof_traces_and_top_show_stacks_in_order(profile_file):
+    traces = pprof("-traces", path=profile_file)
+    expected = ["do_syscall_64", "entry_SYSCALL_64", "leaf", "main", "[libc.so.6]"]
+    lines = [line.split()[-1] for line in traces.splitlines() if line.strip()]
+    start = lines.index("do_syscall_64")
+    assert lines[start:start + 5] == expected
+    assert "thread:  43" in traces and "comm:  other" in traces
+    top = pprof("-top", path=profile_file)
+    assert "Total samples = 140ms" in top
+    flat = {line.split()[-1]: line.split()[0] for line in top.splitlines()
+            if line.strip().endswith(("do_syscall_64", "leaf", "<unknown>"))}
+    assert flat == {"do_syscall_64": "70ms", "leaf": "20ms", "<unknown>": "50ms"}
+
+
+def test_empty_profile_is_valid(tmp_path):
+    p = parse(ProfileBuilder(PERIOD, TIME, 1).build())
+    assert len(p.sample) == 0 and len(p.mapping) == 0 and p.string_table[0] == ""

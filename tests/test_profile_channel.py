@@ -1,0 +1,131 @@
+"""The aggregator -> shipper channel: resends until acknowledged, a bounded memory queue, no
+duplicate spooling, and no frames that can stop the shipper's loop."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services import runtime, wire
+from services.profile_channel import ProfileInbox, ProfileSender
+from tests.helpers.store_server import ShipperThread, profile_body, send_acked, wait_until
+
+ENV = {"PARCA_AGENT_INSECURE": "true"}
+
+
+def test_sender_resends_until_acknowledged(tmp_path):
+    metrics = runtime.Metrics("parca_agent_shipper")
+    inbox = ProfileInbox(str(tmp_path), metrics)
+    sender = ProfileSender(str(tmp_path), resend_after=0.2)
+    try:
+        sender.send(profile_body(1))
+        seen = []
+        # The "shipper" ignores the first two deliveries, as if its acks had been lost.
+        assert wait_until(lambda: sender.poll() >= 0 and _collect(inbox, seen) >= 3, 10)
+        assert {r.message.body["id"] for r in seen} == {"profile-1"}
+        assert sender.pending() == 1
+        inbox.ack(seen[-1].peer, "profile-1")
+        assert wait_until(lambda: sender.poll() >= 0 and sender.pending() == 0, 5)
+        time.sleep(0.1)  # a resend already on its way may still arrive
+        after = _collect(inbox, seen)
+        for _ in range(6):  # three resend intervals: nothing more once acknowledged
+            time.sleep(0.1)
+            sender.poll()
+        assert _collect(inbox, seen) == after
+    finally:
+        sender.close()
+        inbox.close()
+
+
+def _collect(inbox: ProfileInbox, seen: list) -> int:
+    while (received := inbox.receive()) is not None:
+        seen.append(received)
+    return len(seen)
+
+
+def test_sender_waits_for_a_shipper_that_starts_later(tmp_path):
+    sender = ProfileSender(str(tmp_path), resend_after=0.2)
+    try:
+        sender.send(profile_body(1))
+        sender.poll()
+        assert sender.pending() == 1
+        inbox = ProfileInbox(str(tmp_path), runtime.Metrics("test"))
+        try:
+            seen: list = []
+            assert wait_until(lambda: sender.poll() >= 0 and _collect(inbox, seen) >= 1, 10)
+            inbox.ack(seen[0].peer, "profile-1")
+            assert wait_until(lambda: sender.poll() >= 0 and sender.pending() == 0, 5)
+        finally:
+            inbox.close()
+    finally:
+        sender.close()
+
+
+def test_memory_queue_is_bounded_and_drops_the_oldest(tmp_path):
+    one = sum(len(f) for f in wire.Publisher("a").encode("profile", profile_body(0)))
+    sender = ProfileSender(str(tmp_path), max_bytes=3 * one + one // 2, resend_after=0.1)
+    try:
+        for n in range(7):
+            sender.send(profile_body(n))
+        assert sender.pending() == 3
+        assert sender.dropped == 4
+        assert sender.metrics.get("profiles_dropped_total", reason="queue_full") == 4
+        assert sender.pending_bytes() <= sender.max_bytes
+        inbox = ProfileInbox(str(tmp_path), runtime.Metrics("test"))
+        try:
+            seen: list = []
+            wait_until(lambda: sender.poll() >= 0 and _collect(inbox, seen) >= 3, 10)
+            assert {r.message.body["id"] for r in seen} == {"profile-4", "profile-5", "profile-6"}
+        finally:
+            inbox.close()
+    finally:
+        sender.close()
+
+
+def test_a_resent_profile_is_acked_again_not_spooled_twice(tmp_path):
+    # The store is unreachable, so every profile stays in the spool where it can be counted.
+    with ShipperThread(tmp_path, "127.0.0.1:1", env=ENV) as sh:
+        first, second = sh.sender(), sh.sender()
+        send_acked(first, [profile_body(1), profile_body(2)])
+        send_acked(second, [profile_body(1)])  # a resend whose first ack was lost
+        assert sh.metric("profiles_spooled_total") == 2
+        assert sh.metric("profiles_duplicate_total") == 1
+        assert len(os.listdir(tmp_path / "cache" / "spool")) == 2
+
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 63), 2 ** 64 - 1), st.text(max_size=8),
+                 st.binary(max_size=16), st.lists(st.integers(0, 9), max_size=3),
+                 st.dictionaries(st.text(max_size=4), st.one_of(st.text(max_size=4),
+                                                                st.integers(0, 9)), max_size=3))
+_PROFILE_LIKE = st.fixed_dictionaries(
+    {k: _ANY for k in wire.MESSAGE_FIELDS["profile"]}).map(
+    lambda body: wire.Publisher("fuzz").encode("profile", body))
+_GARBAGE = st.lists(st.binary(max_size=64), min_size=1, max_size=5)
+_WRONG_TYPE = st.sampled_from(["ack", "heartbeat", "samples"]).map(
+    lambda t: wire.Publisher("fuzz").encode(t, {k: 1 for k in wire.MESSAGE_FIELDS[t]}))
+
+
+def test_garbage_frames_never_stop_the_shipper_loop(tmp_path):
+    with ShipperThread(tmp_path, "127.0.0.1:1", env=ENV) as sh:
+        ctx = zmq.Context.instance()
+        fuzzer = ctx.socket(zmq.DEALER)
+        fuzzer.setsockopt(zmq.LINGER, 0)
+        fuzzer.connect(wire.endpoint(sh.settings.run_dir, wire.ENDPOINT_SHIPPER))
+
+        @settings(max_examples=300, deadline=None, database=None)
+        @given(frames=st.one_of(_GARBAGE, _PROFILE_LIKE, _WRONG_TYPE))
+        def feed(frames):
+            fuzzer.send_multipart(frames)
+
+        try:
+            feed()
+            # Still alive and still serving: a good profile is spooled and acknowledged.
+            send_acked(sh.sender(), [profile_body(99)], timeout=10)
+            assert sh.thread.is_alive()
+            assert sh.metric("messages_malformed_total", reason="bad_profile") > 0
+        finally:
+            fuzzer.close()
