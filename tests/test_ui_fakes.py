@@ -208,11 +208,14 @@ def running_ui(run_dir: str, **env: str):
     ui = None
     try:
         ui = UIProcess(run_dir, **env)
+        # Wait for both targets and a few windows of history, so ranges have something to merge.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             targets = json.loads(ui.get("/api/targets")[2])["targets"]
             if len(targets) >= 2:
-                break
+                view = json.loads(ui.get(f"/api/flamegraph/{targets[0]['id']}?range=1m")[2])
+                if view["windows"] >= 3:
+                    break
             time.sleep(0.2)
         else:
             raise RuntimeError("the UI did not list the published targets within 20 s")

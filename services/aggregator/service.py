@@ -41,7 +41,8 @@ class Aggregator:
         self.bad_log = runtime.RateLimitedLog(log)
         self.windows = WindowAggregator(settings.node, settings.profiling_duration,
                                         settings.sampling_frequency,
-                                        Symbolizer(metrics=metrics), metrics)
+                                        Symbolizer(metrics=metrics), metrics,
+                                        sampling_ratio=settings.sampling_ratio)
 
     def run(self, stop: runtime.StopFlag) -> None:
         log.info("building %gs profiles from %s", self.settings.profiling_duration,

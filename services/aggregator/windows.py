@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from services.aggregator.profile_builder import Frame, MappingInfo, ProfileBuilder
 from services.aggregator.symbols import Symbolizer
+from services.discovery.sampling import keep
 
 GRACE_NS = 1_500_000_000  # a drain happens every second: wait for the last one of the window
 PROCESS_TTL = 300.0  # seconds a process's metadata is kept after its last sample
@@ -44,7 +45,8 @@ class ProcessMeta:
 @dataclass
 class Target:
     key: tuple
-    labels: dict[str, str]
+    labels: dict[str, str] | None  # None: one process's target, labeled when its window closes
+    per_process: bool = False
     # (pid, tid, user stack, kernel stack) -> samples
     stacks: dict[tuple, int] = field(default_factory=lambda: defaultdict(int))
     samples: int = 0
@@ -59,8 +61,11 @@ class Window:
 
 class WindowAggregator:
     def __init__(self, node: str, duration_s: float, frequency: int, symbolizer: Symbolizer,
-                 metrics=None, clock=time.time_ns):
+                 metrics=None, clock=time.time_ns, sampling_ratio: float = 1.0):
         self.node = node
+        # Discovery samples its own targets; per-process targets exist only here, so the
+        # --sampling-ratio is applied to them here, by the same stable hash of their labels.
+        self.sampling_ratio = sampling_ratio
         self.duration_ns = int(duration_s * 1e9)
         self.frequency = frequency
         self.symbolizer = symbolizer
@@ -153,6 +158,13 @@ class WindowAggregator:
             del self.windows[start]
             self.closed_until_ns = max(self.closed_until_ns, window.end_ns)
             for target in window.targets.values():
+                if target.labels is None:
+                    pid = target.key[1]
+                    target.labels = self._process_labels(pid, self.processes.get(pid))
+                    target.per_process = True
+                    if not keep(target.labels, self.sampling_ratio):
+                        self._count("samples_sampled_out_total", target.samples)
+                        continue
                 profiles.append(self.build_profile(window, target))
             self._count("windows_closed_total")
         return profiles
@@ -162,8 +174,7 @@ class WindowAggregator:
         period_ns = int(1e9 / self.frequency)
         builder = ProfileBuilder(period_ns, window.start_ns, window.end_ns - window.start_ns)
         frames = self._symbolize(target)
-        per_process = target.labels is None
-        labels = target.labels if not per_process else None
+        per_process = target.per_process
         for (pid, tid, ustack, kstack), count in target.stacks.items():
             meta = self.processes.get(pid)
             user = []
@@ -176,9 +187,7 @@ class WindowAggregator:
             kernel = [(a, self.kernel_names.get(a, "[unknown]")) for a in kstack]
             sample_labels = {"thread": tid} if per_process else {"pid": pid, "thread": tid}
             builder.add_sample(user, kernel, count, sample_labels)
-            if labels is None:
-                labels = self._process_labels(pid, meta)
-        profile = {"id": uuid.uuid4().hex, "labels": labels, "start_ns": window.start_ns,
+        profile = {"id": uuid.uuid4().hex, "labels": target.labels, "start_ns": window.start_ns,
                    "end_ns": window.end_ns, "pprof": builder.build(), "samples": target.samples}
         self._count("profiles_built_total")
         if self.metrics:
