@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -58,11 +59,45 @@ def prepare_directories(settings: Settings) -> None:
             os.chmod(path, 0o2770)
 
 
+def readable_as(user: str, path: str) -> bool:
+    """Whether ``user`` can open ``path``: asked in a child that becomes that user."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return True  # no such user: the services run as root, which was checked already
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            with open(path, "rb"):
+                pass
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def check_for_services(settings: Settings) -> str | None:
+    """Problems only visible once the services run as their user; one line, or None."""
+    if settings.bearer_token_file and not readable_as(settings.user, settings.bearer_token_file):
+        return (f"invalid --bearer-token-file: {settings.bearer_token_file!r} is not readable by "
+                f"the {settings.user} user the shipper runs as (chgrp {settings.user} it, "
+                "chmod g+r, and let the group through its folders)")
+    return None
+
+
 def run_supervised(settings: Settings) -> int:
     if os.geteuid() != 0:
         print("parca-agent: must run as root: the collector loads BPF programs "
               "(the other services drop to the unprivileged user)", file=sys.stderr)
         return 1
+    problem = check_for_services(settings)
+    if problem:
+        print(f"parca-agent: {problem}", file=sys.stderr)
+        return 2
     prepare_directories(settings)
     env = dict(os.environ)
     env.update(settings.to_environment())

@@ -41,7 +41,7 @@ def setup_logging(service: str, level: str) -> logging.Logger:
 
 def load_settings_or_exit(service: str, argv: list[str] | None = None) -> Settings:
     try:
-        return load(argv, prog=f"parca-agent-{service}")
+        return load(argv, prog=f"parca-agent-{service}", check_files=False)
     except SettingsError as e:
         print(f"parca-agent-{service}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

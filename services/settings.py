@@ -244,8 +244,13 @@ def build_parser(prog: str = "parca-agent", description: str = "") -> argparse.A
     return parser
 
 
-def resolve(namespace: argparse.Namespace | None, environ: dict[str, str] | None = None) -> Settings:
-    """Flag, then environment, then default; every value parsed and checked."""
+def resolve(namespace: argparse.Namespace | None, environ: dict[str, str] | None = None,
+            check_files: bool = True) -> Settings:
+    """Flag, then environment, then default; every value parsed and checked.
+
+    ``check_files``: also check that files named by flags can be read. parca-agent does (as
+    root, before anything starts); a service does not, since it runs as another user and only
+    the shipper reads the token file, reporting its own errors."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for f in FLAGS:
@@ -261,14 +266,14 @@ def resolve(namespace: argparse.Namespace | None, environ: dict[str, str] | None
     if not values["node"]:
         values["node"] = socket.gethostname()
     settings = Settings(**values)
-    _check_together(settings)
+    _check_together(settings, check_files)
     return settings
 
 
-def _check_together(s: Settings) -> None:
+def _check_together(s: Settings, check_files: bool) -> None:
     if s.bearer_token and s.bearer_token_file:
         raise SettingsError("--bearer-token and --bearer-token-file exclude each other: give one")
-    if s.bearer_token_file:
+    if s.bearer_token_file and check_files:
         try:
             with open(s.bearer_token_file, "rb") as fh:
                 fh.read(1)
@@ -287,11 +292,12 @@ def _check_together(s: Settings) -> None:
             raise SettingsError(f"invalid --tap-address: {e}") from None
 
 
-def load(argv: list[str] | None = None, prog: str = "parca-agent") -> Settings:
+def load(argv: list[str] | None = None, prog: str = "parca-agent",
+         check_files: bool = True) -> Settings:
     """Parse argv (or sys.argv) and the environment; raise SettingsError on a bad value."""
     parser = build_parser(prog)
     namespace = parser.parse_args(argv)
-    return resolve(namespace)
+    return resolve(namespace, check_files=check_files)
 
 
 def field_names() -> list[str]:

@@ -92,3 +92,15 @@ def test_readme_lists_the_flags_exactly_as_help_prints_them():
     m = re.search(r"<!-- flags:begin -->\n```\n(.*?)```\n<!-- flags:end -->", readme, re.S)
     assert m, "README.md lacks the flags block"
     assert m.group(1) == help_text, "README.md's flags differ from --help: run make readme-flags"
+
+
+def test_a_token_file_the_agent_user_cannot_read_is_refused_before_start(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("parca-agent itself refuses to start without root")
+    token = tmp_path / "token"  # pytest's tmp folders are private to root
+    token.write_text("t")
+    r = run_cli("--bearer-token-file", str(token), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--bearer-token-file" in lines[0] and "parca-agent user" in lines[0]
+    assert not (tmp_path / "run").exists()

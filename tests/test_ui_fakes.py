@@ -114,7 +114,8 @@ class FakePipeline:
     def _heartbeat_metrics(self, service: str) -> list:
         if service == "collector":
             return [["parca_agent_collector_samples_total", {}, self.samples_total],
-                    ["parca_agent_collector_stack_errors_total", {"kind": "user_stack_collisions"}, 3],
+                    ["parca_agent_collector_stack_errors_total",
+                     {"kind": "user_stack_collisions"}, 3],
                     ["parca_agent_collector_messages_dropped_total", {"socket": "collector"}, 2]]
         if service == "aggregator":
             return [["parca_agent_aggregator_profiles_built_total", {}, self.sent]]

@@ -221,9 +221,9 @@ def test_service_health_rates_and_liveness():
     samples = "parca_agent_collector_samples_total"
     health.record("collector", 7, 1.0, [[samples, {}, 100.0]])
     now[0] += 2
-    health.record("collector", 7, 1.0, [[samples, {}, 500.0],
-                                        ["parca_agent_collector_stack_errors_total", {"kind": "a"}, 2],
-                                        ["parca_agent_collector_stack_errors_total", {"kind": "b"}, 3]])
+    errors = "parca_agent_collector_stack_errors_total"
+    health.record("collector", 7, 1.0, [[samples, {}, 500.0], [errors, {"kind": "a"}, 2],
+                                        [errors, {"kind": "b"}, 3]])
     row = {s.name: health.summary(s) for s in health.services()}["collector"]
     assert row["alive"] and row["samples_per_second"] == 200.0 and row["stack_errors"] == 5
     now[0] += 10

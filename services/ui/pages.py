@@ -37,7 +37,8 @@ _SCRIPTS = {"index": ["ui.js"], "target": ["d3.min.js", "d3-flamegraph.min.js", 
 def render(page: str, title: str, **values) -> bytes:
     """The page's template inside the layout; values are escaped unless they are Markup."""
     body = _BODIES[page].substitute({k: escape(v) for k, v in values.items()})
-    scripts = "\n".join(f'<script src="/static/{name}"></script>' for name in _SCRIPTS.get(page, []))
+    scripts = "\n".join(f'<script src="/static/{name}"></script>'
+                        for name in _SCRIPTS.get(page, []))
     return _LAYOUT.substitute(title=escape(title), body=body, page=escape(page),
                               scripts=scripts).encode("utf-8")
 

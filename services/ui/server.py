@@ -162,6 +162,7 @@ class App:
                 "samples": latest.samples if latest else None,
                 "profile_url": profile_path(t.id),
                 "page_url": page_path(t.id),
+                "selector": selector.format_labels(t.labels),
             })
         return {"targets": out, "now": time.time()}
 

@@ -206,7 +206,8 @@ class ServiceHealth:
             state.metrics = metrics
 
     def alive(self, state: ServiceState) -> bool:
-        return state.last_heartbeat > 0 and self._clock() - state.last_heartbeat < self.ALIVE_SECONDS
+        return (state.last_heartbeat > 0
+                and self._clock() - state.last_heartbeat < self.ALIVE_SECONDS)
 
     def services(self) -> list[ServiceState]:
         with self._lock:

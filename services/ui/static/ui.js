@@ -99,7 +99,7 @@
 
     function serviceRow(s) {
       const state = s.alive ? 'alive' : (s.last_heartbeat ? 'down' : 'not seen');
-      const details = el('details', {}, [el('summary', { text: s.metrics.length + ' metrics' })]);
+      const details = el('details', {}, [el('summary', { text: s.metrics.length + (s.metrics.length === 1 ? ' metric' : ' metrics') })]);
       if (openDetails.has(s.service)) details.open = true;
       details.addEventListener('toggle', () => {
         if (details.open) openDetails.add(s.service); else openDetails.delete(s.service);
@@ -187,8 +187,14 @@
         .setLabelHandler(frameLabel)
         // Plain case-insensitive substring: the library's default compiles the term as a RegExp.
         .setSearchMatch((d, term) => Boolean(term) && d.data.name.toLowerCase().includes(term.toLowerCase()))
-        .setSearchHandler((results, sum, total) => {
-          searchInfo = results.length ? 'search: ' + results.length + ' frames, ' + percent(sum, total) + ' of the total' : 'search: no match';
+        .setSearchHandler((results) => {
+          // Share of the whole profile, whatever the zoom: a match inside a match counts once.
+          const matched = new Set(results);
+          const outermost = results.filter((d) => d.ancestors().slice(1).every((a) => !matched.has(a)));
+          const sum = outermost.reduce((acc, d) => acc + d.data.value, 0);
+          searchInfo = results.length
+            ? 'search: ' + results.length + (results.length === 1 ? ' frame, ' : ' frames, ') + percent(sum, data.total) + ' of the total'
+            : 'search: no match';
         })
         .setDetailsHandler((text) => { details.textContent = text || searchInfo || hint; });
       d3.select(chartBox).datum(data.flamegraph).call(chart);
