@@ -26,7 +26,7 @@ def process(pid, comm="work"):
 
 
 def make(**kw):
-    return WindowAggregator("node-a", 10, 100, Symbolizer(), clock=lambda: 0, **kw)
+    return WindowAggregator("node-a", 10, 100, Symbolizer(), clock=lambda: BASE, **kw)
 
 
 def decode(profile):
@@ -121,3 +121,21 @@ def test_kernel_frames_carry_the_collectors_names():
     names = {p.string_table[f.name] for f in p.function}
     assert {"clear_page_erms", "do_syscall_64"} <= names
     assert "[kernel.kallsyms]" in {p.string_table[m.filename] for m in p.mapping}
+
+
+def test_a_bad_batch_changes_nothing_and_a_far_future_stamp_opens_no_window():
+    agg = make()
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 2]]))
+    for bad in ([[7, 7, 1, 5, -1, 2]], [[7, 7, 1, 0, -1, "x"]], [[7, 7, 1, 0, -1, 0]],
+                [[7, 7, 1]]):
+        try:
+            agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 9]] + bad))
+        except (ValueError, TypeError, IndexError):
+            pass
+    try:
+        agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 9]], stacks=[[-5]]))
+    except ValueError:
+        pass
+    agg.add_samples(batch(BASE + 10**6 * SECOND, [[7, 7, 1, 0, -1, 1]]))
+    assert list(agg.windows) == [BASE]
+    assert [p["samples"] for p in agg.close_due(BASE + 20 * SECOND)] == [3]

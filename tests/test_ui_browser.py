@@ -16,7 +16,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import IN_CI
 from tests.helpers import browser
-from tests.test_ui_fakes import EVIL, running_ui
+from tests.helpers.ui_fakes import EVIL, running_ui
 
 pytestmark = pytest.mark.browser
 

@@ -18,7 +18,7 @@ import pytest
 from services import wire
 from services.ui import profiles
 from tests.conftest import require_tool
-from tests.test_ui_fakes import CHAIN_LABELS, EVIL, UIProcess, running_ui
+from tests.helpers.ui_fakes import CHAIN_LABELS, EVIL, UIProcess, running_ui
 
 SELECTOR_CHAIN = '{comm="chain", pid="4242"}'
 

@@ -13,7 +13,7 @@ from services.runtime import Metrics
 from services.ui import exposition, pages, profiles, selector
 from services.ui.state import (MAX_WINDOWS_PER_TARGET, ServiceHealth, TargetStore, Window,
                                target_id)
-from tests.test_ui_fakes import CHAIN, chain_pprof, make_pprof
+from tests.helpers.ui_fakes import CHAIN, chain_pprof, make_pprof
 
 # --- selectors ------------------------------------------------------------------------------
 

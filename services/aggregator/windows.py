@@ -9,6 +9,7 @@ time to arrive. This class does no I/O: the service feeds it decoded messages an
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 import uuid
 from collections import OrderedDict, defaultdict
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from services.aggregator.profile_builder import Frame, MappingInfo, ProfileBuilder
 from services.aggregator.symbols import Symbolizer
 from services.discovery.sampling import keep
+
+log = logging.getLogger("parca_agent.aggregator")
 
 GRACE_NS = 1_500_000_000  # a drain happens every second: wait for the last one of the window
 PROCESS_TTL = 300.0  # seconds a process's metadata is kept after its last sample
@@ -109,23 +112,31 @@ class WindowAggregator:
 
     def add_samples(self, body: dict) -> None:
         time_ns = int(body["time_ns"])
+        now_ns = self.clock()
+        if abs(time_ns - now_ns) > 2 * self.duration_ns:
+            # A batch stamped far from our clock (a skewed or hostile sender) goes in the window
+            # of now, so it can neither open windows that never close nor vanish.
+            self._count("batches_out_of_time_total")
+            time_ns = now_ns
         window_start = time_ns - time_ns % self.duration_ns
         if window_start < self.closed_until_ns:
             # Its window was already built: put it in the oldest open one rather than lose it.
             self._count("late_batches_total")
             window_start = self.closed_until_ns
+        # Check the whole batch before any of it counts: a bad message changes nothing.
+        kernel_names = {_address(a): str(n) for a, n in body["kernel_symbols"].items()}
+        stacks = [_stack(s) for s in body["stacks"]]
+        records = [_record(r, len(stacks)) for r in body["records"]]
+        self.kernel_names.update(kernel_names)
+        while len(self.kernel_names) > MAX_KERNEL_NAMES:
+            self.kernel_names.popitem(last=False)
         window = self.windows.get(window_start)
         if window is None:
             window = self.windows[window_start] = Window(window_start,
                                                          window_start + self.duration_ns)
-        for address, name in body["kernel_symbols"].items():
-            self.kernel_names[int(address)] = str(name)
-        while len(self.kernel_names) > MAX_KERNEL_NAMES:
-            self.kernel_names.popitem(last=False)
-        stacks = [tuple(s) for s in body["stacks"]]
         targets = window.targets
         total = unmatched = 0
-        for pid, tid, cgroup_id, u, k, count in body["records"]:
+        for pid, tid, cgroup_id, u, k, count in records:
             found = self.by_cgroup.get(cgroup_id) or self.by_pid.get(pid)
             if found is None:
                 if self.filtering:
@@ -158,16 +169,26 @@ class WindowAggregator:
             del self.windows[start]
             self.closed_until_ns = max(self.closed_until_ns, window.end_ns)
             for target in window.targets.values():
-                if target.labels is None:
-                    pid = target.key[1]
-                    target.labels = self._process_labels(pid, self.processes.get(pid))
-                    target.per_process = True
-                    if not keep(target.labels, self.sampling_ratio):
-                        self._count("samples_sampled_out_total", target.samples)
-                        continue
-                profiles.append(self.build_profile(window, target))
+                try:
+                    profile = self._finish(window, target)
+                except Exception:  # noqa: BLE001 — one bad target must not cost the others
+                    self._count("profile_build_failures_total")
+                    log.exception("could not build the profile of %s", target.key)
+                    continue
+                if profile is not None:
+                    profiles.append(profile)
             self._count("windows_closed_total")
         return profiles
+
+    def _finish(self, window: Window, target: Target) -> dict | None:
+        if target.labels is None:
+            pid = target.key[1]
+            target.labels = self._process_labels(pid, self.processes.get(pid))
+            target.per_process = True
+            if not keep(target.labels, self.sampling_ratio):
+                self._count("samples_sampled_out_total", target.samples)
+                return None
+        return self.build_profile(window, target)
 
     def build_profile(self, window: Window, target: Target) -> dict:
         started = time.perf_counter()
@@ -238,3 +259,27 @@ class WindowAggregator:
     def _count(self, name: str, amount: float = 1) -> None:
         if self.metrics:
             self.metrics.inc(name, amount)
+
+
+_U64 = 1 << 64
+
+
+def _address(value) -> int:
+    address = int(value)
+    if not 0 <= address < _U64:
+        raise ValueError("address out of range")
+    return address
+
+
+def _stack(addresses) -> tuple[int, ...]:
+    stack = tuple(int(a) for a in addresses)
+    if stack and (min(stack) < 0 or max(stack) >= _U64):
+        raise ValueError("address out of range")
+    return stack
+
+
+def _record(record, n_stacks: int) -> tuple[int, int, int, int, int, int]:
+    pid, tid, cgroup_id, u, k, count = (int(x) for x in record)
+    if not (-1 <= u < n_stacks and -1 <= k < n_stacks and 0 < count < 1 << 32):
+        raise ValueError("record out of range")
+    return pid, tid, cgroup_id, u, k, count

@@ -26,7 +26,7 @@ import services.proto_gen  # noqa: F401
 from pprof import profile_pb2  # noqa: E402
 from services import runtime, wire  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHAIN = ("main", "outer", "middle", "leaf")  # outermost first, as the C workload calls them
 
 
