@@ -2,9 +2,12 @@
 // Counts samples in the kernel by (process, thread, cgroup, user stack, kernel stack), so the
 // collector only drains aggregates; unprofiled work costs one filter lookup.
 //
-// The collector compiles this with BCC and sets, with -D: COUNTS_MAX, STACKS_MAX, FILTER_MAX.
+// The collector compiles this with BCC and sets, with -D: COUNTS_MAX, STACKS_MAX, FILTER_MAX,
+// and DWARF_UNWIND (0 or 1) with, when 1, UNWIND_ROWS_MAX and UNWIND_PROCESSES_MAX.
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
+
+#define MAX_DEPTH 127  // PERF_MAX_STACK_DEPTH's default: what bpf_get_stackid records too
 
 struct sample_key {
     u32 pid;             // tgid: the process
@@ -12,6 +15,7 @@ struct sample_key {
     u64 cgroup_id;       // cgroup v2 id: inode of the cgroup's directory
     s32 user_stack_id;   // >= 0, or a negative errno from bpf_get_stackid
     s32 kernel_stack_id;
+    u64 user_stack_hash; // not 0: the user stack is in unwound_stacks under this key (.eh_frame)
 };
 
 // Indexes into `problems`; the collector reads them with the same names (bpf_program.py).
@@ -40,6 +44,10 @@ static __always_inline void note(u32 kind) {
     if (n)
         (*n)++;  // per-CPU slot: no other CPU writes it
 }
+
+#if DWARF_UNWIND
+#include "unwind.h"
+#endif
 
 static __always_inline void note_stack_error(int err, u32 collision, u32 fault) {
     if (err == -EEXIST)
@@ -72,9 +80,16 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     key.pid = tgid;
     key.tid = tid;
     key.cgroup_id = cgroup_id;
-    key.user_stack_id = stack_traces.get_stackid(&ctx->regs, BPF_F_USER_STACK);
+    key.user_stack_id = -ENOENT;
+#if DWARF_UNWIND
+    // Processes with unwind tables get their user stack from the tables; the rest, and any
+    // sample whose walk cannot start, keep the kernel's frame-pointer walk.
+    key.user_stack_hash = unwind_user_stack(ctx, tgid);
+#endif
+    if (!key.user_stack_hash)
+        key.user_stack_id = stack_traces.get_stackid(&ctx->regs, BPF_F_USER_STACK);
     key.kernel_stack_id = stack_traces.get_stackid(&ctx->regs, 0);
-    if (key.user_stack_id < 0)
+    if (!key.user_stack_hash && key.user_stack_id < 0)
         note_stack_error(key.user_stack_id, USER_STACK_COLLISION, USER_STACK_FAULT);
     if (key.kernel_stack_id < 0)
         note_stack_error(key.kernel_stack_id, KERNEL_STACK_COLLISION, KERNEL_STACK_FAULT);

@@ -82,6 +82,11 @@ def readable_as(user: str, path: str) -> bool:
 
 def check_for_services(settings: Settings) -> str | None:
     """Problems only visible once the services run as their user; one line, or None."""
+    code = str(ROOT / "services" / "__init__.py")
+    if not readable_as(settings.user, code) or not readable_as(settings.user, sys.executable):
+        return (f"the agent at {ROOT} (and {sys.executable}) must be readable by the "
+                f"{settings.user} user the unprivileged services run as: install it in a folder "
+                "others may enter, such as /opt or /srv")
     if settings.bearer_token_file and not readable_as(settings.user, settings.bearer_token_file):
         return (f"invalid --bearer-token-file: {settings.bearer_token_file!r} is not readable by "
                 f"the {settings.user} user the shipper runs as (chgrp {settings.user} it, "
