@@ -89,13 +89,31 @@ class ProcessTable:
         return fresh.body()
 
     def due_republish(self, now: float | None = None) -> list[dict]:
-        """Metadata of the processes sampled lately that were not published for a while."""
+        """Metadata of the processes sampled lately that were not published for a while.
+
+        Each is checked first: a process that is gone is not announced again, and one whose
+        start time changed (the pid was reused) is read afresh.
+        """
         now = time.monotonic() if now is None else now
         due = []
-        for info in self.processes.values():
-            if now - info.last_seen < FORGET_AFTER and now - info.last_published >= self.republish_every:
-                info.last_published = now
-                due.append(info.body())
+        for pid, info in list(self.processes.items()):
+            if now - info.last_seen >= FORGET_AFTER or \
+                    now - info.last_published < self.republish_every:
+                continue
+            info.last_published = now
+            st = proc.read_stat(pid, self.proc_path)
+            if st is None:
+                continue
+            if st.start_time != info.start_time:
+                fresh = self._read(pid, now)
+                if fresh is None:
+                    continue
+                self._count("pid_reuses_total")
+                fresh.last_seen = info.last_seen
+                fresh.last_published = now
+                self._remember(fresh)
+                info = fresh
+            due.append(info.body())
         return due
 
     def forget_idle(self, now: float | None = None) -> int:
