@@ -25,13 +25,18 @@ def bpf_missing_reason() -> str | None:
     return None
 
 
-@pytest.fixture
-def require_bpf():
+def check_bpf() -> None:
+    """Skip where BPF cannot run; under CI=true fail instead. For fixtures of any scope."""
     reason = bpf_missing_reason()
     if reason:
         if IN_CI:
             pytest.fail(f"BPF test cannot run under CI=true: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture
+def require_bpf():
+    check_bpf()
 
 
 def require_tool(name: str) -> str:

@@ -1,18 +1,16 @@
 """End to end: `parca-agent` as a subprocess profiles a C workload; `go tool pprof` reads the
-profile from the agent's own URL; kill -9 of a service heals; SIGTERM leaves nothing behind."""
+profile from the agent's own URL; SIGTERM leaves nothing behind. (Kill -9 of each service:
+test_faults.py.)"""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers.agent import Agent, bpf_programs
-from tests.helpers.services import wait_until
+from tests.helpers.agent import bpf_programs, running_agent
 from tests.helpers.workload import build_chain_workload
 
 pytestmark = [pytest.mark.bpf, pytest.mark.e2e]
@@ -21,18 +19,8 @@ WINDOW = 3.0
 
 @pytest.fixture(scope="module")
 def agent():
-    from tests.conftest import IN_CI, bpf_missing_reason
-
-    reason = bpf_missing_reason()
-    if reason:
-        if IN_CI:
-            pytest.fail(f"BPF test cannot run under CI=true: {reason}")
-        pytest.skip(reason)
-    before = bpf_programs()
-    a = Agent(duration=f"{WINDOW:g}s")
-    a.bpf_before = before
-    yield a
-    a.cleanup()
+    with running_agent(duration=f"{WINDOW:g}s") as a:
+        yield a
 
 
 @pytest.fixture(scope="module")
@@ -77,27 +65,6 @@ def test_profile_reaches_the_ui_and_go_tool_pprof_reads_it(agent, workload):
 def _is_subsequence(wanted, words):
     it = iter(words)
     return all(w in it for w in wanted)
-
-
-@pytest.mark.parametrize("service", ["aggregator", "collector"])
-def test_kill_9_of_a_service_is_restarted_and_profiles_resume(agent, workload, service):
-    assert agent.wait_for_profile(is_workload(workload), seconds=60), agent.log()
-    pids = agent.service_pids()
-    assert set(pids) == {"collector", "discovery", "aggregator", "shipper", "ui"}, pids
-    os.kill(pids[service], signal.SIGKILL)
-    killed_at = time.time()
-    restarted = wait_until(lambda: agent.service_pids().get(service, pids[service]) != pids[service],
-                           15)
-    assert restarted, f"supervisord did not restart {service}:\n{agent.log()}"
-    assert all(agent.service_pids().get(s) == pids[s] for s in pids if s != service), \
-        "the other services must keep running"
-    # Resumes within two windows once the service is back (plus a drain and the window grace).
-    resumed = agent.wait_for_profile(is_workload(workload), after=killed_at + 0.5,
-                                     seconds=2 * WINDOW + 15)
-    assert resumed, f"no profile after kill -9 of {service}:\n{agent.log()}"
-    if service == "collector":
-        assert wait_until(lambda: bpf_programs() == agent.bpf_before + 1, 10), \
-            "the killed collector's BPF program stayed loaded"
 
 
 def test_sigterm_stops_everything_and_leaves_nothing(agent):

@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.helpers.agent import Agent, bpf_programs
+from tests.helpers.agent import bpf_programs, running_agent
 from tests.helpers.services import wait_until
 from tests.helpers.workload import CHAIN_SOURCE, build_chain_workload, compile_c
 
@@ -21,28 +22,18 @@ SERVICES = ["collector", "discovery", "aggregator", "shipper", "ui"]
 
 @pytest.fixture(scope="module")
 def agent():
-    from tests.conftest import IN_CI, bpf_missing_reason
-
-    reason = bpf_missing_reason()
-    if reason:
-        if IN_CI:
-            pytest.fail(f"BPF test cannot run under CI=true: {reason}")
-        pytest.skip(reason)
-    before = bpf_programs()
-    a = Agent(duration=f"{WINDOW:g}s")
-    a.bpf_before = before
-    yield a
-    code, _ = a.terminate()
-    a.cleanup()
-    assert code == 0
-    assert bpf_programs() == before
+    with running_agent(duration=f"{WINDOW:g}s") as a:
+        yield a
+        code, _ = a.terminate()
+        assert code == 0
+        assert bpf_programs() == a.bpf_before
 
 
 def private_binary(agent, name: str, source: str = CHAIN_SOURCE):
     """A binary in a folder only root may enter: names must come through the binary cache."""
     directory = os.path.join(agent.base, f"private-{name}")
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    return compile_c(source, __import__("pathlib").Path(directory) / name)
+    return compile_c(source, Path(directory) / name)
 
 
 def profile_functions(agent, target) -> str:

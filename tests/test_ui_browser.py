@@ -8,7 +8,7 @@ import tempfile
 import time
 
 import pytest
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
@@ -69,20 +69,33 @@ def script_errors(driver) -> list[str]:
             and "favicon" not in e["message"]]
 
 
+def chain_cells(driver) -> list[str] | None:
+    row = row_of(driver, "chain")
+    return [c.text for c in row.find_elements(By.TAG_NAME, "td")] if row else None
+
+
+def click_show_profile(driver, comm: str) -> bool:
+    row = row_of(driver, comm)
+    if row is None:
+        return False
+    row.find_element(By.LINK_TEXT, "Show Profile").click()
+    return True
+
+
 def test_show_profile_draws_a_flame_graph_that_zooms(ui, driver):
     driver.get(ui.base + "/")
-    wait = WebDriverWait(driver, 15)
-    wait.until(lambda d: row_of(d, "chain") is not None)
-    row = row_of(driver, "chain")
-    cells = row.find_elements(By.TAG_NAME, "td")
-    assert cells[0].text == "parca_agent_cpu"
-    assert cells[2].text.endswith("s ago")
-    assert cells[3].text == "—"
+    # The table is redrawn every few seconds: an element found just before may go stale, so
+    # every look at a row is retried until it reads a whole row.
+    wait = WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,))
+    cells = wait.until(chain_cells)
+    assert cells[0] == "parca_agent_cpu"
+    assert cells[2].endswith("s ago")
+    assert cells[3] == "—"
     collector = '[data-service="collector"]'
     wait.until(lambda d: "alive" in d.find_element(By.CSS_SELECTOR, collector).text)
     browser.screenshot(driver, "ui-profilers")
 
-    row.find_element(By.LINK_TEXT, "Show Profile").click()
+    wait.until(lambda d: click_show_profile(d, "chain"))
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#flamegraph g.frame")))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#top tbody tr"))
     names = frame_names(driver)
@@ -117,9 +130,8 @@ def test_show_profile_draws_a_flame_graph_that_zooms(ui, driver):
 
 def test_range_choice_merges_the_history(ui, driver):
     driver.get(ui.base + "/")
-    WebDriverWait(driver, 15).until(lambda d: row_of(d, "chain") is not None)
-    row_of(driver, "chain").find_element(By.LINK_TEXT, "Show Profile").click()
-    wait = WebDriverWait(driver, 15)
+    wait = WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,))
+    wait.until(lambda d: click_show_profile(d, "chain"))
     wait.until(lambda d: "1 window," in d.find_element(By.ID, "profile-summary").text)
     driver.find_element(By.CSS_SELECTOR, "#range option[value='5m']").click()
     wait.until(lambda d: " windows," in d.find_element(By.ID, "profile-summary").text)
@@ -128,12 +140,12 @@ def test_range_choice_merges_the_history(ui, driver):
 
 def test_hostile_process_name_stays_text(ui, driver):
     driver.get(ui.base + "/")
-    WebDriverWait(driver, 15).until(lambda d: row_of(d, EVIL) is not None)
-    row = row_of(driver, EVIL)
+    wait = WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,))
+    wait.until(lambda d: row_of(d, EVIL) is not None)
     assert driver.find_elements(By.TAG_NAME, "img") == []
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text  # noqa: B018 (reading it is the check)
-    row.find_element(By.LINK_TEXT, "Show Profile").click()
+    wait.until(lambda d: click_show_profile(d, EVIL))
     WebDriverWait(driver, 15).until(
         EC.presence_of_element_located((By.CSS_SELECTOR, "#flamegraph g.frame")))
     assert EVIL in driver.find_element(By.CSS_SELECTOR, "#profile .labels").text

@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 
 from tests.helpers.services import ROOT, free_port, wait_until
 
@@ -131,3 +132,18 @@ class Agent:
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextmanager
+def running_agent(*flags: str, duration: str = "3s"):
+    """An Agent for a test module: BPF checked first, the BPF programs counted before it."""
+    from tests.conftest import check_bpf
+
+    check_bpf()
+    before = bpf_programs()
+    agent = Agent(*flags, duration=duration)
+    agent.bpf_before = before
+    try:
+        yield agent
+    finally:
+        agent.cleanup()
