@@ -19,11 +19,28 @@ PARCA_AGENT = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", ".
                            "bin", "parca-agent")
 
 
-def bpf_programs(name: str = "on_cpu_sample") -> int:
-    """How many BPF programs of this name the kernel holds (bpftool)."""
-    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True,
-                         timeout=30).stdout
-    return sum(1 for line in out.splitlines() if f" name {name} " in line + " ")
+def bpf_program_ids(pid: int) -> set[int]:
+    """The ids of the BPF programs a process holds open (from /proc/<pid>/fdinfo)."""
+    ids = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return ids
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                for line in fh:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
+
+
+def bpf_program_loaded(prog_id: int) -> bool:
+    """Whether the kernel still holds this program (bpftool exits non-zero for an unknown id)."""
+    return subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)], capture_output=True,
+                          timeout=30).returncode == 0
 
 
 class Agent:
@@ -95,6 +112,11 @@ class Agent:
                     pids[args[i + 1].decode()[len("services."):]] = int(entry)
         return pids
 
+    def collector_programs(self) -> set[int]:
+        """Ids of the BPF programs the running collector holds."""
+        pid = self.service_pids().get("collector")
+        return bpf_program_ids(pid) if pid else set()
+
     def descendants(self) -> list[int]:
         """Every process started by this agent (they carry its run directory in the environment)."""
         out = []
@@ -136,13 +158,11 @@ class Agent:
 
 @contextmanager
 def running_agent(*flags: str, duration: str = "3s"):
-    """An Agent for a test module: BPF checked first, the BPF programs counted before it."""
+    """An Agent for a test module, where BPF can run."""
     from tests.conftest import check_bpf
 
     check_bpf()
-    before = bpf_programs()
     agent = Agent(*flags, duration=duration)
-    agent.bpf_before = before
     try:
         yield agent
     finally:
