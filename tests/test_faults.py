@@ -55,7 +55,7 @@ def test_every_service_killed_in_turn_comes_back_and_profiles_resume(agent, tmp_
             pids = agent.service_pids()
             assert set(pids) == set(SERVICES), pids
             programs = agent.collector_programs()
-            assert programs
+            assert programs, agent.log()
             os.kill(pids[service], signal.SIGKILL)
             killed_at = time.time()
             assert wait_until(lambda: agent.service_pids().get(service, pids[service])
