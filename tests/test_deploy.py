@@ -9,7 +9,6 @@ holds at /opt/parca-agent."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -23,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.helpers.agent import Agent
+from tests.helpers.agent import Agent, bpf_program_ids, bpf_program_loaded
 from tests.helpers.services import ROOT, free_port, wait_until
 from tests.helpers.workload import build_chain_workload
 
@@ -276,24 +275,6 @@ def _status(pid: int) -> dict[str, str]:
         return {}
 
 
-def _bpf_programs_held_by(pid: int) -> set[int]:
-    """Ids of the BPF programs a process holds open (each fd's fdinfo names its prog_id)."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
-                ids |= {int(m) for m in re.findall(r"^prog_id:\s*(\d+)", fh.read(), re.MULTILINE)}
-        except OSError:
-            pass
-    return ids
-
-
-def _loaded_bpf_programs() -> set[int]:
-    out = subprocess.run(["bpftool", "--json", "prog", "show"], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
-    return {p["id"] for p in json.loads(out)}
-
-
 def _cmdline(pid: int) -> list[str]:
     with open(f"/proc/{pid}/cmdline", "rb") as fh:
         return [a.decode() for a in fh.read().split(b"\0") if a]
@@ -327,7 +308,7 @@ def test_container_entrypoint_as_pid_1_profiles_and_stops_cleanly_on_sigterm(req
 
         # parca-agent passes its settings to supervisord and the services in the environment.
         assert len(container.descendants()) >= 6, "supervisord and five services should run"
-        ours = _bpf_programs_held_by(container.service_pids()["collector"])
+        ours = bpf_program_ids(container.service_pids()["collector"])
         assert ours, "the collector holds no BPF program"
         started = time.monotonic()
         os.kill(pid1, signal.SIGTERM)
@@ -342,7 +323,7 @@ def test_container_entrypoint_as_pid_1_profiles_and_stops_cleanly_on_sigterm(req
         assert os.listdir(container.run_dir) == [], \
             f"files left in the run directory:\n{container.log()}"
         # Other agents may run on this machine: only the collector's own programs must go.
-        assert wait_until(lambda: not ours & _loaded_bpf_programs(), 5), \
+        assert wait_until(lambda: not any(bpf_program_loaded(p) for p in ours), 5), \
             "a BPF program survived SIGTERM"
         assert workload.poll() is None, "stopping the container must not touch host processes"
     finally:
