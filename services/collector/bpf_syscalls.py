@@ -1,0 +1,222 @@
+"""The few kernel calls the long-running collector needs, without BCC or LLVM in its process.
+
+BCC compiles with an embedded LLVM: importing it and compiling costs the process ~170 MB that
+it never gives back. So a short-lived loader process compiles and loads the program and hands
+over the program and map file descriptors (SCM_RIGHTS); the collector then opens the perf
+events, attaches the program and reads and writes the maps with these calls alone.
+
+Layouts follow include/uapi/linux/bpf.h and perf_event.h (stable kernel ABI).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import struct
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.ioctl.restype = ctypes.c_int
+
+# System call numbers differ by architecture.
+_SYSCALLS = {"x86_64": {"bpf": 321, "perf_event_open": 298},
+             "aarch64": {"bpf": 280, "perf_event_open": 241}}
+_NR = _SYSCALLS.get(platform.machine(), _SYSCALLS["x86_64"])
+
+# enum bpf_cmd
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
+
+BPF_MAP_TYPE_HASH = 1
+BPF_ANY = 0
+
+PERF_TYPE_SOFTWARE = 1
+PERF_COUNT_SW_CPU_CLOCK = 0
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_EVENT_IOC_DISABLE = 0x2401
+PERF_EVENT_IOC_SET_BPF = 0x40042408
+_ATTR_FREQ = 1 << 10  # perf_event_attr bit field: sample_freq instead of sample_period
+_ATTR_DISABLED = 1 << 0
+PERF_ATTR_SIZE = 128  # PERF_ATTR_SIZE_VER7; the kernel accepts any size it knows
+
+
+class BpfError(OSError):
+    pass
+
+
+def _call(number: int, *args) -> int:
+    res = _libc.syscall(ctypes.c_long(number), *args)
+    if res < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, os.strerror(err))
+    return res
+
+
+def bpf(cmd: int, attr: bytearray) -> int:
+    buf = (ctypes.c_char * len(attr)).from_buffer(attr)
+    return _call(_NR["bpf"], ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
+
+
+def _ptr(buf) -> int:
+    return ctypes.addressof(buf) if buf is not None else 0
+
+
+def possible_cpus() -> int:
+    """Per-CPU maps hold one value slot for every possible CPU, not only the online ones."""
+    with open("/sys/devices/system/cpu/possible") as fh:
+        text = fh.read().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+def online_cpus() -> list[int]:
+    with open("/sys/devices/system/cpu/online") as fh:
+        text = fh.read().strip()
+    cpus = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+class Map:
+    """A BPF map by file descriptor; keys and values are bytes of the map's sizes."""
+
+    def __init__(self, fd: int, key_size: int, value_size: int, max_entries: int,
+                 per_cpu: bool = False, name: str = ""):
+        self.fd = fd
+        self.key_size = key_size
+        self.max_entries = max_entries
+        self.per_cpu = per_cpu
+        self.name = name
+        # A per-CPU map's value, as the kernel copies it out: one 8-byte-aligned slot per CPU.
+        self.slot_size = (value_size + 7) & ~7
+        self.value_size = self.slot_size * possible_cpus() if per_cpu else value_size
+        self._key = ctypes.create_string_buffer(key_size)
+        self._next = ctypes.create_string_buffer(key_size)
+        self._value = ctypes.create_string_buffer(self.value_size)
+
+    @classmethod
+    def create_hash(cls, key_size: int, value_size: int, max_entries: int) -> "Map":
+        """A new hash map (tests use it to exercise these calls on the real kernel)."""
+        attr = bytearray(72)
+        struct.pack_into("<IIIII", attr, 0, BPF_MAP_TYPE_HASH, key_size, value_size,
+                         max_entries, 0)
+        return cls(bpf(BPF_MAP_CREATE, attr), key_size, value_size, max_entries)
+
+    def _elem_attr(self, key, value, flags: int = 0) -> bytearray:
+        attr = bytearray(32)
+        struct.pack_into("<IIQQQ", attr, 0, self.fd, 0, _ptr(key), _ptr(value), flags)
+        return attr
+
+    def lookup(self, key: bytes) -> bytes | None:
+        self._key.raw = key
+        try:
+            bpf(BPF_MAP_LOOKUP_ELEM, self._elem_attr(self._key, self._value))
+        except BpfError as e:
+            if e.errno == 2:  # ENOENT
+                return None
+            raise
+        return self._value.raw
+
+    def lookup_into(self, key: bytes, out) -> bool:
+        """Look up into a caller's buffer (the drain reuses one); False when absent."""
+        self._key.raw = key
+        try:
+            bpf(BPF_MAP_LOOKUP_ELEM, self._elem_attr(self._key, out))
+        except BpfError as e:
+            if e.errno == 2:
+                return False
+            raise
+        return True
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        self._key.raw = key
+        value_buf = ctypes.create_string_buffer(value, len(value))
+        bpf(BPF_MAP_UPDATE_ELEM, self._elem_attr(self._key, value_buf, flags))
+
+    def delete(self, key: bytes) -> bool:
+        self._key.raw = key
+        try:
+            bpf(BPF_MAP_DELETE_ELEM, self._elem_attr(self._key, None))
+        except BpfError as e:
+            if e.errno == 2:
+                return False
+            raise
+        return True
+
+    def keys(self) -> list[bytes]:
+        out = []
+        attr = bytearray(32)
+        current = None
+        while True:
+            struct.pack_into("<IIQQQ", attr, 0, self.fd, 0, _ptr(current), _ptr(self._next), 0)
+            try:
+                bpf(BPF_MAP_GET_NEXT_KEY, attr)
+            except BpfError as e:
+                if e.errno == 2:
+                    return out
+                raise
+            out.append(self._next.raw)
+            current = ctypes.create_string_buffer(self._next.raw, self.key_size)
+            if len(out) > self.max_entries:
+                return out  # entries churn under us: never loop forever
+
+    def lookup_and_delete_batch(self, keys_buf, values_buf) -> int:
+        """Move every entry into the caller's buffers (sized max_entries); return how many."""
+        out_batch = ctypes.create_string_buffer(8)
+        total, first = 0, True
+        attr = bytearray(56)
+        while total < self.max_entries:
+            struct.pack_into("<QQQQIIQQ", attr, 0, 0 if first else _ptr(out_batch),
+                             _ptr(out_batch), _ptr(keys_buf) + total * self.key_size,
+                             _ptr(values_buf) + total * self.value_size,
+                             self.max_entries - total, self.fd, 0, 0)
+            first = False
+            try:
+                bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH, attr)
+                err = 0
+            except BpfError as e:
+                err = e.errno
+            count = struct.unpack_from("<I", attr, 32)[0]
+            total += count
+            if err == 2:  # ENOENT: the end of the map
+                break
+            if err:
+                raise BpfError(err, f"lookup-and-delete batch: {os.strerror(err)}")
+            if count == 0:
+                break
+        return total
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_cpu_clock(cpu: int, frequency: int) -> int:
+    """A disabled software cpu-clock sampling event on one CPU, for every process."""
+    attr = bytearray(PERF_ATTR_SIZE)
+    struct.pack_into("<IIQQ", attr, 0, PERF_TYPE_SOFTWARE, PERF_ATTR_SIZE,
+                     PERF_COUNT_SW_CPU_CLOCK, frequency)
+    struct.pack_into("<Q", attr, 40, _ATTR_FREQ | _ATTR_DISABLED)  # the flags bit field
+    buf = (ctypes.c_char * len(attr)).from_buffer(attr)
+    return _call(_NR["perf_event_open"], buf, ctypes.c_int(-1), ctypes.c_int(cpu),
+                 ctypes.c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+
+
+def attach_and_enable(event_fd: int, prog_fd: int) -> None:
+    for request, arg in ((PERF_EVENT_IOC_SET_BPF, prog_fd), (PERF_EVENT_IOC_ENABLE, 0)):
+        if _libc.ioctl(ctypes.c_int(event_fd), ctypes.c_ulong(request), ctypes.c_int(arg)) < 0:
+            err = ctypes.get_errno()
+            raise BpfError(err, f"perf event ioctl {request:#x}: {os.strerror(err)}")

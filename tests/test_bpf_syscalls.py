@@ -1,0 +1,92 @@
+"""The collector's own bpf() calls against the real kernel (no BCC in the process)."""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+
+import pytest
+
+from services.collector import bpf_syscalls as bs
+
+pytestmark = pytest.mark.bpf
+
+
+def test_hash_map_round_trip_and_batch_drain(require_bpf):
+    m = bs.Map.create_hash(key_size=8, value_size=8, max_entries=4096)
+    try:
+        for i in range(3000):
+            m.update(struct.pack("<Q", i), struct.pack("<Q", i * 7))
+        assert m.lookup(struct.pack("<Q", 10)) == struct.pack("<Q", 70)
+        assert m.lookup(struct.pack("<Q", 99999)) is None
+        assert m.delete(struct.pack("<Q", 10)) and not m.delete(struct.pack("<Q", 10))
+        assert len(m.keys()) == 2999
+        keys = ctypes.create_string_buffer(8 * m.max_entries)
+        values = ctypes.create_string_buffer(8 * m.max_entries)
+        n = m.lookup_and_delete_batch(keys, values)
+        assert n == 2999
+        pairs = dict(zip((k for (k,) in struct.iter_unpack("<Q", keys.raw[:8 * n])),
+                         (v for (v,) in struct.iter_unpack("<Q", values.raw[:8 * n]))))
+        assert all(pairs[k] == k * 7 for k in pairs) and 10 not in pairs
+        assert m.keys() == []  # drained
+        assert m.lookup_and_delete_batch(keys, values) == 0
+    finally:
+        m.close()
+
+
+def test_cpu_clock_events_open_on_every_online_cpu(require_bpf):
+    import os
+
+    fds = [bs.open_cpu_clock(cpu, 100) for cpu in bs.online_cpus()]
+    try:
+        assert len(fds) == os.cpu_count()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_child_loads_the_program_and_this_process_attaches_it(require_bpf):
+    """The loader's child compiles with BCC; this process (which never imports bcc) gets the
+    descriptors, attaches the program to cpu-clock events and reads what it counted."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from services.collector.loader import load
+
+    source = r"""
+    #include <uapi/linux/bpf_perf_event.h>
+    BPF_PERCPU_ARRAY(ticks, u64, 1);
+    BPF_HASH(by_pid, u32, u64, 1024);
+    int on_tick(struct bpf_perf_event_data *ctx) {
+        u32 zero = 0;
+        u64 *n = ticks.lookup(&zero);
+        if (n) (*n)++;
+        u32 pid = bpf_get_current_pid_tgid() >> 32;
+        u64 one = 1, *c = by_pid.lookup(&pid);
+        if (c) (*c)++; else by_pid.update(&pid, &one);
+        return 0;
+    }
+    """
+    loaded = load(source, [], ["on_tick"], ["ticks", "by_pid"])
+    assert "bcc" not in sys.modules
+    events = []
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for cpu in bs.online_cpus():
+            fd = bs.open_cpu_clock(cpu, 100)
+            events.append(fd)
+            bs.attach_and_enable(fd, loaded.programs["on_tick"])
+        time.sleep(1.5)
+        per_cpu = loaded.maps["ticks"].lookup(struct.pack("<I", 0))
+        total = sum(v for (v,) in struct.iter_unpack("<Q", per_cpu))
+        assert total > 50
+        busy_count = loaded.maps["by_pid"].lookup(struct.pack("<I", busy.pid))
+        assert busy_count is not None and struct.unpack("<Q", busy_count)[0] > 50
+    finally:
+        busy.kill()
+        busy.wait()
+        for fd in events:
+            os.close(fd)
+        loaded.close()
