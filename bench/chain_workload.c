@@ -1,0 +1,64 @@
+/* The bench's C workload: main -> outer -> middle -> leaf, a known call chain, counting the
+ * outer() calls it finishes so that a profiler's cost shows as lost throughput.
+ *
+ * argv[1]: seconds to run (0: until SIGTERM or SIGINT). At exit it prints one line,
+ * "iterations=N seconds=S", and the bench divides the two.
+ *
+ * Every function keeps a volatile local array: gcc drops the frame pointer of frameless leaf
+ * functions even with -fno-omit-frame-pointer (FACTS.md), and then a frame-pointer walk from
+ * the leaf would skip its caller.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+static volatile sig_atomic_t stopping;
+
+static void on_signal(int signum) {
+    (void)signum;
+    stopping = 1;
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+__attribute__((noinline)) unsigned long leaf(unsigned long n) {
+    volatile unsigned long frame[4];
+    frame[0] = n;
+    for (unsigned long i = 0; i < 200000; i++) frame[0] = frame[0] * 6364136223846793005UL + i;
+    return frame[0];
+}
+
+__attribute__((noinline)) unsigned long middle(unsigned long n) {
+    volatile unsigned long frame[4];
+    frame[1] = leaf(n) + leaf(n + 1) + leaf(n + 2);
+    return frame[1];
+}
+
+__attribute__((noinline)) unsigned long outer(unsigned long n) {
+    volatile unsigned long frame[4];
+    frame[2] = middle(n) ^ middle(n * 3);
+    return frame[2];
+}
+
+int main(int argc, char **argv) {
+    double seconds = argc > 1 ? atof(argv[1]) : 0;
+    signal(SIGTERM, on_signal);
+    signal(SIGINT, on_signal);
+    double start = now(), elapsed = 0;
+    unsigned long iterations = 0;
+    volatile unsigned long sink = 0;
+    /* One outer() call is about a millisecond: reading the clock after each costs nothing. */
+    while (!stopping) {
+        sink += outer(sink);
+        iterations++;
+        elapsed = now() - start;
+        if (seconds > 0 && elapsed >= seconds) break;
+    }
+    printf("iterations=%lu seconds=%.6f\n", iterations, now() - start);
+    return (int)(sink & 0);
+}

@@ -1,0 +1,105 @@
+"""Load (reliability): 64 busy threads across 200 processes (16 processes of 4 spinning threads,
+184 that wake every 50 ms) for --duration seconds, first under the agent, then under
+`perf record -F 100 -a -g` on the same load.
+
+What it shows: every sample the kernel took is accounted for — drained by the collector and
+received by the aggregator, or counted by a drop, loss or error counter — and the agent's CPU
+against perf's on that load (the benchmark goal: below 1.0).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+from bench.common import agent_metrics, log, table
+from bench.profilers import AgentProfiler, PerfProfiler
+from bench.workloads import work_dir
+
+NAME = "load"
+DEFAULT_DURATION = 300.0
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROCESSES = 200
+BUSY_PROCESSES, THREADS_EACH = 16, 4
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--duration", type=float, default=DEFAULT_DURATION,
+                        help="seconds under each profiler (default %(default)s)")
+
+
+def start_load(binary: str) -> list[subprocess.Popen]:
+    return [subprocess.Popen([binary, str(THREADS_EACH if i < BUSY_PROCESSES else 0)])
+            for i in range(PROCESSES)]
+
+
+def stop_load(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        p.kill()
+    for p in processes:
+        p.wait(10)
+
+
+def measure(profiler, binary: str, duration: float, directory: str) -> dict:
+    profiler.start(duration, directory)
+    load = start_load(binary)
+    try:
+        time.sleep(2)  # every process has started
+        cpu0 = profiler.cpu()
+        time.sleep(duration)
+        cpu1 = profiler.cpu()
+    finally:
+        stop_load(load)
+    result = {"cpu_per_s": round((cpu1 - cpu0) / duration, 4)}
+    if isinstance(profiler, AgentProfiler):
+        # Let the last drain reach the aggregator and both heartbeats report it.
+        time.sleep(6)
+        m = agent_metrics(profiler.agent)
+        result["counters"] = {k: v for k, v in m.items() if any(
+            w in k for w in ("samples", "lost", "dropped", "malformed", "stack_errors",
+                             "count_entries"))}
+        drained = m.get("parca_agent_collector_samples_total", 0)
+        received = m.get("parca_agent_aggregator_samples_received_total", 0)
+        # Message losses count messages, not samples; listed for the reader to weigh.
+        reported = {k: v for k, v in m.items() if "lost" in k or "dropped" in k}
+        result.update(samples_seen_in_kernel=m.get("parca_agent_collector_bpf_samples_seen_total"),
+                      samples_drained=drained, samples_received=received,
+                      samples_unaccounted=drained - received,
+                      # /metrics shows each service's last heartbeat (every 2 s): the two totals
+                      # may be that far apart in time, i.e. 2 s of samples on every CPU.
+                      tolerance=2 * 2 * (os.cpu_count() or 1) * 100,
+                      losses_reported=reported)
+    result["cpu_total_per_s"] = round(profiler.stop() / duration, 4)
+    return result
+
+
+def run(args) -> dict:
+    directory = work_dir()
+    binary = os.path.join(directory, "load_worker")
+    subprocess.run(["gcc", "-O2", "-g", "-fno-omit-frame-pointer", "-pthread", "-o", binary,
+                    os.path.join(HERE, "load_worker.c")], check=True, capture_output=True)
+    results = {}
+    try:
+        for profiler in (AgentProfiler(), PerfProfiler()):
+            log(f"load: {profiler.name}, {args.duration:g}s")
+            try:
+                results[profiler.name] = measure(profiler, binary, args.duration, directory)
+            finally:
+                profiler.cleanup()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    agent, perf = results["agent"], results["perf"]
+    ratio = round(agent["cpu_per_s"] / perf["cpu_per_s"], 2) if perf["cpu_per_s"] else None
+    print(table(["figure", "value"], [
+        ["agent CPU-s per s", agent["cpu_per_s"]], ["perf CPU-s per s", perf["cpu_per_s"]],
+        ["agent ÷ perf", ratio], ["samples drained by the collector", agent["samples_drained"]],
+        ["samples received by the aggregator", agent["samples_received"]],
+        ["drained but not received", agent["samples_unaccounted"]],
+        ["heartbeat skew tolerance (samples)", agent["tolerance"]]]))
+    for name, value in agent["losses_reported"].items():
+        print(f"  {name} = {value:g}")
+    return {"args": {"duration": args.duration}, "short": args.duration < DEFAULT_DURATION,
+            "processes": PROCESSES, "busy_threads": BUSY_PROCESSES * THREADS_EACH,
+            "agent": agent, "perf": perf, "cpu_ratio_to_perf": ratio}

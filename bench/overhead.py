@@ -1,0 +1,116 @@
+"""Overhead: the agent, `perf record` and bcc's profile tool on the same busy machine.
+
+Both cores are kept busy by two C chain processes and one Python process. Each profiler (and
+none) runs for --duration seconds while the workload runs, in interleaved order (none, agent,
+perf, bcc, none, ...) so that a drift in the machine's load hits every profiler alike, repeated
+--repeats times; medians are reported.
+
+- CPU "window": what the profiler's processes used while the workload ran, per wall second.
+- CPU "total": everything from its start to its exit (the agent: to just before it stops),
+  divided by the same duration; for bcc this includes compiling its program and printing.
+- Neither counts the BPF programs or perf's sampling in interrupt context: the kernel charges
+  that to the interrupted task, the workload, which is why its throughput is measured too.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from bench.common import log, median, table
+from bench.profilers import all_profilers
+from bench.workloads import Workload, build_chain, work_dir
+
+NAME = "overhead"
+DEFAULT_DURATION = 60.0
+DEFAULT_REPEATS = 3
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--duration", type=float, default=DEFAULT_DURATION,
+                        help="seconds each profiler runs (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                        help="interleaved rounds (default %(default)s)")
+
+
+def trial(profiler, binary: str, duration: float) -> dict:
+    directory = work_dir()
+    try:
+        profiler.start(duration, directory)
+        cpu0 = profiler.cpu()
+        workload = Workload(binary, chains=2, pythons=1).start(duration)
+        try:
+            rates = workload.wait(duration + 60)
+        finally:
+            workload.kill()
+        cpu1 = profiler.cpu()
+        total = profiler.stop()
+        return {"profiler": profiler.name, "cpu_window_s": round(cpu1 - cpu0, 3),
+                "cpu_total_s": round(total, 3), "c_rate": round(rates["c"], 2),
+                "python_rate": round(rates["python"], 2),
+                "perf_output_mb": getattr(profiler, "output_mb", None) if profiler.name == "perf"
+                else None}
+    finally:
+        profiler.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def summarize(trials: list[dict], duration: float) -> dict:
+    by_profiler: dict[str, dict] = {}
+    for name in dict.fromkeys(t["profiler"] for t in trials):
+        mine = [t for t in trials if t["profiler"] == name and "error" not in t]
+        by_profiler[name] = {
+            "trials": len(mine),
+            "cpu_window_per_s": _rnd(median([t["cpu_window_s"] / duration for t in mine])),
+            "cpu_total_per_s": _rnd(median([t["cpu_total_s"] / duration for t in mine])),
+            "c_rate": median([t["c_rate"] for t in mine]),
+            "python_rate": median([t["python_rate"] for t in mine]),
+        }
+    base = by_profiler.get("none", {})
+    perf = by_profiler.get("perf", {})
+    for name, s in by_profiler.items():
+        for key in ("cpu_window_per_s", "cpu_total_per_s"):
+            s[key.replace("per_s", "ratio_to_perf")] = _ratio(s[key], perf.get(key)) \
+                if name != "none" else None
+        for kind in ("c", "python"):
+            b, r = base.get(f"{kind}_rate"), s[f"{kind}_rate"]
+            s[f"{kind}_slowdown_pct"] = round((1 - r / b) * 100, 2) if b and r else None
+    return by_profiler
+
+
+def _ratio(a, b):
+    return round(a / b, 2) if a is not None and b else None
+
+
+def _rnd(x):
+    return round(x, 4) if x is not None else None
+
+
+def run(args) -> dict:
+    directory = work_dir()
+    binary = build_chain(directory, "fp")
+    profilers = all_profilers()
+    trials = []
+    try:
+        for repeat in range(args.repeats):
+            for profiler in profilers:
+                log(f"overhead: round {repeat + 1}/{args.repeats}, {profiler.name}, "
+                    f"{args.duration:g}s")
+                try:
+                    result = trial(profiler, binary, args.duration)
+                except Exception as e:  # one failing profiler must not void the others' figures
+                    log(f"overhead: {profiler.name} failed: {e}")
+                    result = {"profiler": profiler.name, "error": str(e)[:500]}
+                result["round"] = repeat + 1
+                trials.append(result)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    summary = summarize(trials, args.duration)
+    rows = [[name, s["cpu_window_per_s"], s["cpu_window_ratio_to_perf"], s["cpu_total_per_s"],
+             s["cpu_total_ratio_to_perf"], s["c_rate"], s["c_slowdown_pct"], s["python_rate"],
+             s["python_slowdown_pct"]] for name, s in summary.items()]
+    print(table(["profiler", "cpu/s", "÷perf", "cpu/s total", "÷perf total", "C it/s",
+                 "C slow %", "py it/s", "py slow %"], rows))
+    return {"args": {"duration": args.duration, "repeats": args.repeats},
+            "short": args.duration < DEFAULT_DURATION or args.repeats < DEFAULT_REPEATS,
+            "notes": {p.name: p.note for p in profilers},
+            "summary": summary, "trials": trials}

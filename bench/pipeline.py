@@ -1,0 +1,222 @@
+"""Pipeline: the aggregator's records per second, the window build time, the collector's drain.
+
+- Aggregator: `python -m services.aggregator` (and the shipper it sends profiles to) against a
+  PUB socket bound where the collector's would be, in a temporary run directory. The bench sends
+  bursts of synthetic `samples` batches (user frames inside a real binary, so symbolization is
+  real work) and times how long the aggregator is busy with each burst, from its CPU counters in
+  /proc; its heartbeat's samples_received_total confirms every record arrived (each record
+  counts one sample). The socket blocks instead of dropping (XPUB_NODROP), so nothing is lost
+  and nothing is measured twice; windows close as usual (10 s), so their builds are included.
+- Window build: bench/bench_profile_builder.py (50,000 distinct stacks of 20 frames) in its own
+  process.
+- Collector drain: the real CpuSampler (BPF loaded, events attached) with 10,000 synthetic
+  entries written into its count map from user space, then drain_counts() timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import zmq
+
+from bench.common import ROOT, cpu_seconds, log, median, status_mb, table
+from bench.workloads import work_dir
+
+NAME = "pipeline"
+DEFAULT_DURATION = 30.0
+RECORDS_PER_BATCH = 1000
+BATCHES_PER_BURST = 100
+PROCESSES = 50
+USER_STACKS = 20_000  # distinct stacks drawn from: a window's tables stay bounded
+DEPTH = 20
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--duration", type=float, default=DEFAULT_DURATION,
+                        help="seconds of aggregator bursts (default %(default)s)")
+
+
+# --- the aggregator -----------------------------------------------------------------------------
+
+def _synthetic_inputs(rng: random.Random):
+    """Process messages and a few samples bodies whose user frames fall in a real binary."""
+    binary = os.path.realpath(sys.executable)
+    size = os.path.getsize(binary)
+    start = 0x55_0000_0000
+    processes = [{"pid": 900_000 + p, "start_time": 1, "comm": f"bench{p}",
+                  "executable": binary, "cmdline": [],
+                  "mappings": [{"start": start, "limit": start + size, "offset": 0,
+                                "path": binary, "build_id": "", "cache_path": ""}]}
+                 for p in range(PROCESSES)]
+    pool = [[start + rng.randrange(0x1000, size) for _ in range(DEPTH)]
+            for _ in range(USER_STACKS)]
+    kernel = [[0xffff_ffff_8100_0000 + rng.randrange(0, 1 << 20) for _ in range(5)]
+              for _ in range(100)]
+    kernel_symbols = {a: f"kernel_fn_{a & 0xfff}" for k in kernel for a in k}
+    bodies = []
+    for _ in range(8):
+        chosen = rng.sample(range(USER_STACKS), RECORDS_PER_BATCH)
+        stacks = [pool[i] for i in chosen] + kernel
+        records = [[900_000 + rng.randrange(PROCESSES), 1, 1, i,
+                    RECORDS_PER_BATCH + rng.randrange(len(kernel)), 1]
+                   for i in range(RECORDS_PER_BATCH)]
+        bodies.append({"time_ns": 0, "duration_ns": 1_000_000_000, "frequency": 100,
+                       "records": records, "stacks": stacks, "kernel_symbols": kernel_symbols,
+                       "errors": {}})
+    return processes, bodies
+
+
+class _Heartbeats:
+    def __init__(self, ctx, run_dir: str):
+        from services import runtime, wire
+
+        self.wire = wire
+        self.sock = runtime.sub_socket(ctx, [wire.endpoint(run_dir, wire.ENDPOINT_AGGREGATOR)],
+                                       [b"heartbeat.aggregator"])
+        self.metrics: dict[str, float] = {}
+
+    def poll(self, timeout_ms: int = 0) -> None:
+        while self.sock.poll(timeout_ms):
+            timeout_ms = 0
+            msg = self.wire.decode(self.sock.recv_multipart())
+            totals: dict[str, float] = {}
+            for name, _labels, value in msg.body["metrics"]:
+                totals[name] = totals.get(name, 0.0) + value
+            self.metrics = totals
+
+    def get(self, name: str) -> float:
+        return self.metrics.get(f"parca_agent_aggregator_{name}", 0.0)
+
+
+def aggregator_throughput(duration: float) -> dict:
+    from services import wire
+    from tests.helpers.services import service_env, start_service, stop
+
+    base = work_dir()
+    run_dir, cache_dir = os.path.join(base, "run"), os.path.join(base, "cache")
+    os.makedirs(run_dir)
+    env = service_env(run_dir, cache_dir, log_level="warn")
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.XPUB_NODROP, 1)  # block when the aggregator is behind: no drops
+    pub.setsockopt(zmq.SNDHWM, 20)
+    pub.bind(wire.endpoint(run_dir, wire.ENDPOINT_COLLECTOR))
+    heartbeats = _Heartbeats(ctx, run_dir)
+    log_path = os.path.join(base, "services.log")
+    shipper = start_service("shipper", env, log_path)
+    aggregator = start_service("aggregator", env, log_path)
+    publisher = wire.Publisher("collector")
+    processes, bodies = _synthetic_inputs(random.Random(7))
+    try:
+        # The aggregator has subscribed once the XPUB socket hears its subscription.
+        if not pub.poll(30_000):
+            raise RuntimeError("the aggregator never subscribed")
+        pub.recv()
+        for body in processes:
+            pub.send_multipart(publisher.encode("process", body))
+        sent = bursts = 0
+        busy_s = cpu_s = 0.0
+        started = time.monotonic()
+        while time.monotonic() - started < duration:
+            cpu0 = cpu_seconds([aggregator.pid])
+            t0 = time.monotonic()
+            for i in range(BATCHES_PER_BURST):
+                body = bodies[(bursts * BATCHES_PER_BURST + i) % len(bodies)]
+                body["time_ns"] = time.time_ns()
+                pub.send_multipart(publisher.encode("samples", body))
+            sent += BATCHES_PER_BURST * RECORDS_PER_BATCH
+            bursts += 1
+            # Busy until its CPU time stops growing and its heartbeat has counted every record.
+            last_cpu, last_busy = cpu0, t0
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                heartbeats.poll(20)
+                now_cpu = cpu_seconds([aggregator.pid])
+                if now_cpu != last_cpu:
+                    last_cpu, last_busy = now_cpu, time.monotonic()
+                if heartbeats.get("samples_received_total") >= sent \
+                        and time.monotonic() - last_busy > 0.3:
+                    break
+            else:
+                raise RuntimeError("the aggregator did not take a burst within 120 s")
+            busy_s += last_busy - t0
+            cpu_s += last_cpu - cpu0
+        result = {
+            "records": sent, "bursts": bursts, "records_per_batch": RECORDS_PER_BATCH,
+            "busy_s": round(busy_s, 2), "cpu_s": round(cpu_s, 2),
+            "records_per_s": round(sent / busy_s) if busy_s else None,
+            "records_per_cpu_s": round(sent / cpu_s) if cpu_s else None,
+            "profiles_built": heartbeats.get("profiles_built_total"),
+            "messages_lost": heartbeats.get("messages_lost_total"),
+            "peak_rss_mb": status_mb(aggregator.pid, "VmHWM"),
+        }
+    finally:
+        for proc in (aggregator, shipper):
+            try:
+                stop(proc, 15)
+            except AssertionError as e:
+                log(str(e))
+        ctx.destroy(linger=0)
+        shutil.rmtree(base, ignore_errors=True)
+    return result
+
+
+# --- the window build ---------------------------------------------------------------------------
+
+def window_build() -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_profile_builder.py")],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- the collector's drain ----------------------------------------------------------------------
+
+def collector_drain(entries: int = 10_000, repeats: int = 5) -> dict:
+    from services.collector.bpf_program import CpuSampler
+
+    sampler = CpuSampler(100)
+    try:
+        counts = sampler.counts
+        times, drained = [], []
+        for r in range(repeats):
+            for i in range(entries):
+                # pids far above any real one: the program's own samples add a few entries.
+                counts[counts.Key(4_000_000 + i, 4_000_000 + i, 1, i % 16000, -14)] = \
+                    counts.Leaf(1 + r)
+            t0 = time.perf_counter()
+            got = sampler.drain_counts()
+            times.append(time.perf_counter() - t0)
+            drained.append(len(got))
+        per_10k = [t * 10_000 / n for t, n in zip(times, drained) if n]
+        return {"entries": entries, "repeats": repeats, "drained_median": median(drained),
+                "drain_s_per_10k": round(median(per_10k), 4)}
+    finally:
+        sampler.close()
+
+
+def run(args) -> dict:
+    log("pipeline: aggregator throughput")
+    aggregator = aggregator_throughput(args.duration)
+    log("pipeline: window build")
+    build = window_build()
+    log("pipeline: collector drain")
+    try:
+        drain = collector_drain()
+    except Exception as e:  # BPF unavailable: the other figures still stand
+        drain = {"error": str(e)[:300]}
+    print(table(["figure", "value"], [
+        ["aggregator records/s (while busy)", aggregator["records_per_s"]],
+        ["aggregator records per CPU-s", aggregator["records_per_cpu_s"]],
+        ["aggregator peak RSS MB", aggregator["peak_rss_mb"]],
+        ["window build s (50k stacks x 20, add+build)", build.get("total_s")],
+        ["window build CPU-s", build.get("total_cpu_s")],
+        ["collector drain s per 10k entries", drain.get("drain_s_per_10k")],
+    ]))
+    return {"args": {"duration": args.duration}, "short": args.duration < DEFAULT_DURATION,
+            "aggregator": aggregator, "window_build": build, "collector_drain": drain}

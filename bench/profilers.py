@@ -1,0 +1,166 @@
+"""The profilers the overhead benchmark compares, behind one small interface: start and wait
+until sampling, CPU used so far, stop and report the CPU of the whole run."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from bench.common import Agent, agent_pids, cpu_seconds, cpu_seconds_precise, log, \
+    perf_event_fds, wait_sampling, wait_until
+
+FREQUENCY = 100
+SETTLE_S = 3.0
+
+
+def _wait4_cpu(proc: subprocess.Popen, timeout: float) -> float:
+    """Reap ``proc`` and return all the CPU it used, from its rusage (children included)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        time.sleep(0.05)
+    proc.kill()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    raise RuntimeError(f"{proc.args[0]} did not finish within {timeout}s")
+
+
+class NoProfiler:
+    name = "none"
+    note = ""
+
+    def start(self, duration: float, work_dir: str) -> None:
+        pass
+
+    def cpu(self) -> float:
+        """CPU time so far, fine-grained, for the window the workload runs in."""
+        return 0.0
+
+    def stop(self) -> float:
+        return 0.0
+
+    def cleanup(self) -> None:
+        pass
+
+
+class AgentProfiler:
+    """`parca-agent` with its defaults (100 Hz, 10 s windows), no Kubernetes, a free port."""
+
+    name = "agent"
+    note = "all of its processes: parca-agent, supervisord and the five services"
+
+    def __init__(self, profiling_duration: str = "10s"):
+        self.profiling_duration = profiling_duration
+        self.agent: Agent | None = None
+
+    def start(self, duration: float, work_dir: str) -> None:
+        self.agent = Agent(duration=self.profiling_duration)
+        self.startup_s = wait_sampling(self.agent)
+        # Its services finish starting (imports, first process scans) just after sampling
+        # begins: that is start-up cost, reported as part of "total", not of the steady state.
+        time.sleep(SETTLE_S)
+
+    def cpu(self) -> float:
+        return cpu_seconds_precise(agent_pids(self.agent))
+
+    def stop(self) -> float:
+        total = cpu_seconds(agent_pids(self.agent))
+        code, _ = self.agent.terminate(timeout=30)
+        if code != 0:
+            log(f"parca-agent exited with {code}")
+        return total
+
+    def cleanup(self) -> None:
+        if self.agent:
+            self.agent.cleanup()
+            self.agent = None
+
+
+class PerfProfiler:
+    name = "perf"
+    note = "perf record -F 100 -a -g -o <file>; total includes writing build ids at exit"
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, duration: float, work_dir: str) -> None:
+        self.output = os.path.join(work_dir, "perf.data")
+        self.log = open(os.path.join(work_dir, "perf.log"), "wb")
+        self.proc = subprocess.Popen(
+            ["perf", "record", "-F", str(FREQUENCY), "-a", "-g", "-o", self.output],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        # perf writes the file's header once its events are open.
+        if not wait_until(lambda: os.path.exists(self.output) and os.path.getsize(self.output),
+                          30, interval=0.1):
+            raise RuntimeError("perf record did not start")
+        time.sleep(0.5)
+
+    def cpu(self) -> float:
+        return cpu_seconds_precise([self.proc.pid])
+
+    def stop(self) -> float:
+        self.proc.send_signal(signal.SIGINT)
+        total = _wait4_cpu(self.proc, 120)
+        self.output_mb = round(os.path.getsize(self.output) / 1e6, 1)
+        return total
+
+    def cleanup(self) -> None:
+        if self.proc and self.proc.returncode is None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
+class BccProfiler:
+    name = "bcc"
+    note = ("profile-bpfcc -F 100 <duration>, stacks printed to a file at the end; "
+            "total includes compiling its BPF program and printing")
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("profile-bpfcc") is not None
+
+    def start(self, duration: float, work_dir: str) -> None:
+        self.out = open(os.path.join(work_dir, "bcc-profile.txt"), "wb")
+        self.proc = subprocess.Popen(
+            ["profile-bpfcc", "-F", str(FREQUENCY), str(math.ceil(duration))],
+            stdout=self.out, stderr=subprocess.STDOUT)
+        # It sleeps for the duration once attached: one perf event per CPU means attached.
+        cpus = os.cpu_count() or 1
+        if not wait_until(lambda: perf_event_fds(self.proc.pid) >= cpus or self.proc.poll()
+                          is not None, 120, interval=0.05) or self.proc.poll() is not None:
+            raise RuntimeError("profile-bpfcc did not attach")
+
+    def cpu(self) -> float:
+        return cpu_seconds_precise([self.proc.pid])
+
+    def stop(self) -> float:
+        return _wait4_cpu(self.proc, 300)
+
+    def cleanup(self) -> None:
+        if self.proc and self.proc.returncode is None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
+def all_profilers() -> list:
+    profilers = [NoProfiler(), AgentProfiler(), PerfProfiler()]
+    if BccProfiler.available():
+        profilers.append(BccProfiler())
+    else:
+        log("profile-bpfcc not found (Debian's bpfcc-tools): bcc left out")
+    return profilers
+
+
+__all__ = ["all_profilers", "AgentProfiler", "PerfProfiler", "BccProfiler", "NoProfiler"]

@@ -1,0 +1,264 @@
+"""Writes docs/benchmarks.md, and the figures section of docs/reliability.md (churn and load),
+from the results in bench/results/, marking each goal met or not."""
+
+from __future__ import annotations
+
+import re
+
+from bench.common import ROOT, fmt, load_results
+
+BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+RELIABILITY_MD = ROOT / "docs" / "reliability.md"
+# docs/reliability.md belongs to more than one writer: only this section is generated.
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+GOALS = {
+    "cpu_ratio": 1.0, "cpu_ratio_aim": 0.5, "slowdown_pct": 1.0, "service_rss_mb": 150.0,
+    "aggregator_records_per_s": 200_000, "window_build_s": 1.0, "aggregator_rss_mb": 150.0,
+}
+
+
+def verdict(ok) -> str:
+    return "—" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def header_of(result: dict) -> str:
+    m = result.get("machine", {})
+    line = (f"{result.get('date', '')} · {m.get('nproc')} CPUs ({m.get('cpu')}), "
+            f"{m.get('memory_gb')} GB, kernel {m.get('kernel')}, Python {m.get('python')}, "
+            f"load average at start {fmt(m.get('loadavg_at_start'), 2)} · "
+            f"arguments {result.get('args')}")
+    if result.get("short"):
+        line = ("**Short validation run, machine loaded by parallel work: these figures show "
+                "that the harness works, not what the agent costs.** " + line)
+    return f"_{line}_"
+
+
+def _lt(value, bound):
+    return None if value is None else value < bound
+
+
+def overhead_section(r: dict) -> tuple[str, list]:
+    s = r["summary"]
+    rows = [[name, v["trials"], v["cpu_window_per_s"], v["cpu_window_ratio_to_perf"],
+             v["cpu_total_per_s"], v["cpu_total_ratio_to_perf"], v["c_rate"],
+             v["c_slowdown_pct"], v["python_rate"], v["python_slowdown_pct"]]
+            for name, v in s.items()]
+    agent = s.get("agent", {})
+    ratio = agent.get("cpu_window_ratio_to_perf")
+    slow = [x for x in (agent.get("c_slowdown_pct"), agent.get("python_slowdown_pct"))
+            if x is not None]
+    goals = [
+        ["agent CPU ÷ perf's (steady state) < 1.0", ratio,
+         verdict(_lt(ratio, GOALS["cpu_ratio"]))],
+        ["… aiming for 0.5", ratio, verdict(_lt(ratio, GOALS["cpu_ratio_aim"]))],
+        ["agent CPU ÷ perf's (whole run incl. start-up)", agent.get("cpu_total_ratio_to_perf"),
+         verdict(_lt(agent.get("cpu_total_ratio_to_perf"), GOALS["cpu_ratio"]))],
+        ["workload slowdown under the agent < 1 %", max(slow) if slow else None,
+         verdict(_lt(max(slow), GOALS["slowdown_pct"]) if slow else None)],
+    ]
+    notes = "\n".join(f"- {name}: {note}" for name, note in r.get("notes", {}).items() if note)
+    text = f"""## Overhead
+
+{header_of(r)}
+
+Two C chain processes and one Python process keep both cores busy; each profiler runs
+{fmt(r['args']['duration'])} s beside them, interleaved (none, agent, perf, bcc, …),
+{r['args']['repeats']} round(s), medians. "cpu/s" is the profiler's CPU while the workload ran
+(the agent's from 3 s after its collector first drained samples; thread run times from
+schedstat), per wall second; "total" is everything from its start to its exit (the agent: to
+just before it is stopped) over the same duration. perf defers most of its work (build ids) to
+its exit, so its "cpu/s" is near zero and "÷ perf total" is the fairer ratio. BPF
+programs and perf's sampling run in interrupt context and are charged to the workload: that is
+in the slowdown, not in the CPU columns. Throughputs are iterations per second of the C processes
+(summed) and of the Python process.
+
+{md_table(["profiler", "rounds", "cpu/s", "÷ perf", "cpu/s total", "÷ perf total", "C it/s",
+           "C slowdown %", "Python it/s", "Python slowdown %"], rows)}
+
+{notes}
+"""
+    return text, goals
+
+
+def pipeline_section(r: dict) -> tuple[str, list]:
+    a, b, d = r["aggregator"], r["window_build"], r["collector_drain"]
+    rows = [
+        ["aggregator records/s while busy", a.get("records_per_s")],
+        ["aggregator records per CPU-second", a.get("records_per_cpu_s")],
+        ["records sent (bursts × batches × records)",
+         f"{a.get('records')} ({a.get('bursts')} × 100 × {a.get('records_per_batch')})"],
+        ["profiles built during the run", a.get("profiles_built")],
+        ["aggregator peak RSS MB", a.get("peak_rss_mb")],
+        ["window build: 50,000 stacks × 20 frames, add + build, s", b.get("total_s")],
+        ["… of which build, s", b.get("build_s")],
+        ["… CPU-s (add + build)", b.get("total_cpu_s")],
+        ["… gzipped profile bytes", b.get("gzipped_bytes")],
+        ["collector drain_counts() s per 10,000 entries",
+         d.get("drain_s_per_10k", d.get("error"))],
+    ]
+    goals = [
+        ["aggregator 200,000 records/s", a.get("records_per_s"),
+         verdict(None if a.get("records_per_s") is None
+                 else a["records_per_s"] >= GOALS["aggregator_records_per_s"])],
+        ["window build < 1 s", b.get("total_s"), verdict(_lt(b.get("total_s"),
+                                                           GOALS["window_build_s"]))],
+        ["aggregator RSS < 150 MB (pipeline run)", a.get("peak_rss_mb"),
+         verdict(_lt(a.get("peak_rss_mb"), GOALS["aggregator_rss_mb"]))],
+    ]
+    text = f"""## Pipeline
+
+{header_of(r)}
+
+The aggregator (`python -m services.aggregator`, with the shipper) reads synthetic `samples`
+batches of 1,000 records (20-frame user stacks inside the Python binary, so symbolization is
+real; 50 processes; 10 s windows, built as they close) from a socket bound where the
+collector's is, in bursts of 100 batches; "while busy" divides the records by the time the
+aggregator's CPU counters kept growing after each burst, "per CPU-second" by the CPU it used.
+The window build is bench/bench_profile_builder.py; the drain is the real CpuSampler's
+drain_counts() on 10,000 entries written into its count map from user space.
+
+{md_table(["figure", "value"], rows)}
+"""
+    return text, goals
+
+
+def start_section(r: dict) -> tuple[str, list]:
+    peaks = r["peak_rss_mb"]
+    rows = [[name, peaks[name], r["rss_mb_at_end"].get(name)] for name in sorted(peaks)]
+    biggest = r.get("max_service_peak_rss_mb")
+    goals = [["every service < 150 MB RSS", biggest,
+              verdict(_lt(biggest, GOALS["service_rss_mb"]))],
+             ["aggregator RSS < 150 MB (busy host)", peaks.get("aggregator"),
+              verdict(_lt(peaks.get("aggregator"), GOALS["aggregator_rss_mb"]))]]
+    text = f"""## Start and memory
+
+{header_of(r)}
+
+`parca-agent --kubernetes=false` started on a host kept busy by the overhead workload; peak RSS
+(VmHWM) read after {fmt(r['args']['duration'])} s. The first profile arrives when the first 10 s
+window (aligned to the wall clock) closes, 1.5 s after its end: up to one window after sampling
+begins.
+
+{md_table(["figure", "value"], [["start to sampling, s", r["start_to_sampling_s"]],
+                                ["start to first profile in /api/targets, s",
+                                 r["start_to_first_profile_s"]],
+                                ["agent CPU-s per s over the run, start-up included",
+                                 r.get("agent_cpu_per_s_incl_start")]])}
+
+{md_table(["process", "peak RSS MB", "RSS MB at the end"], rows)}
+"""
+    return text, goals
+
+
+def fidelity_section(r: dict) -> tuple[str, list]:
+    rows = [[x["build"], x["profiler"], x.get("samples"), x.get("full_chain"),
+             x.get("share", x.get("error"))] for x in r["results"]]
+    builds = "\n".join(f"- {b}: `gcc {flags}`" for b, flags in r.get("builds", {}).items())
+    text = f"""## Fidelity
+
+{header_of(r)}
+
+Share of the C chain workload's samples whose stack holds main → outer → middle → leaf, one
+process, {fmt(r['args']['duration'])} s per profiler. The agent's figure comes from its own
+profiles of the process (the UI's pprof, merged over the run); perf's from `perf script`.
+
+{builds}
+
+{md_table(["build", "profiler", "samples", "full chain", "share"], rows)}
+"""
+    return text, []
+
+
+SECTIONS = {"overhead": overhead_section, "pipeline": pipeline_section, "start": start_section,
+            "fidelity": fidelity_section}
+
+
+def benchmarks_md(results: dict) -> str:
+    parts, goals = [], []
+    for name, section in SECTIONS.items():
+        if name in results:
+            text, g = section(results[name])
+            parts.append(text)
+            goals += g
+    missing = [n for n in SECTIONS if n not in results]
+    head = f"""# Benchmarks
+
+Generated by `python -m bench report` from bench/results/ (`make bench` runs every benchmark
+and rewrites this file). Each section names its machine, date and arguments. Run one benchmark
+with e.g. `.venv/bin/python -m bench overhead --duration 60 --repeats 3`; see bench/__main__.py.
+
+## Goals
+
+{md_table(["goal", "figure", "verdict"], goals) if goals else "No results yet."}
+"""
+    if missing:
+        head += f"\nNot measured yet: {', '.join(missing)}.\n"
+    return head + "\n" + "\n".join(parts)
+
+
+def reliability_section(results: dict) -> str:
+    parts = [BEGIN, "## Churn and load figures",
+             "", "Generated by `python -m bench report` from bench/results/ (churn, load).", ""]
+    c = results.get("churn")
+    if c:
+        peaks, growth = c["peak_rss_mb"], c["rss_growth_mb"]
+        bounds = c["bounds"]
+        parts += [f"### Churn\n\n{header_of(c)}\n",
+                  f"{c['spawned']} short-lived processes of {c['args']['binaries']} distinct "
+                  f"binaries ({c['args']['rate']} a minute) beside one long-lived chain "
+                  f"workload, {fmt(c['args']['duration'])} s. Bound: every service under "
+                  f"{bounds['service_mb']} MB, the collector (LLVM) under "
+                  f"{bounds['collector_mb']} MB, and no growth over {bounds['growth_mb']} MB "
+                  f"after the first {fmt(c['growth_measured_after_s'])} s: "
+                  f"{verdict(c['within_bounds'])}.\n",
+                  md_table(["process", "peak RSS MB", "growth MB"],
+                           [[n, peaks[n], growth.get(n)] for n in sorted(peaks)]), "",
+                  md_table(["figure", "value"], [
+                      ["long-lived workload's windows expected", c["windows_expected"]],
+                      ["… missing from /api/targets", len(c["windows_missing"])],
+                  ] + [[k, v] for k, v in sorted(c["counters"].items())]), ""]
+    lo = results.get("load")
+    if lo:
+        a = lo["agent"]
+        parts += [f"### Load\n\n{header_of(lo)}\n",
+                  f"{lo['busy_threads']} busy threads across {lo['processes']} processes, "
+                  f"{fmt(lo['args']['duration'])} s under the agent, then under perf.\n",
+                  md_table(["figure", "value"], [
+                      ["agent CPU-s per s", a["cpu_per_s"]],
+                      ["perf CPU-s per s", lo["perf"]["cpu_per_s"]],
+                      ["agent ÷ perf (goal < 1.0)", lo["cpu_ratio_to_perf"]],
+                      ["perf CPU-s per s incl. its exit", lo["perf"].get("cpu_total_per_s")],
+                      ["samples taken in the kernel", a.get("samples_seen_in_kernel")],
+                      ["samples drained by the collector", a["samples_drained"]],
+                      ["samples received by the aggregator", a["samples_received"]],
+                      ["drained − received", a["samples_unaccounted"]],
+                      ["tolerance (heartbeats are up to 2 s apart)", a["tolerance"]],
+                  ] + [[k, v] for k, v in sorted(a["losses_reported"].items())]), ""]
+    if not (c or lo):
+        parts.append("No churn or load run yet (`python -m bench churn`, `python -m bench load`).")
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def write() -> None:
+    results = load_results()
+    BENCHMARKS_MD.parent.mkdir(parents=True, exist_ok=True)
+    BENCHMARKS_MD.write_text(benchmarks_md(results))
+    section = reliability_section(results)
+    if RELIABILITY_MD.exists():
+        text = RELIABILITY_MD.read_text()
+        if BEGIN in text and END in text:
+            text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text,
+                          flags=re.S)
+        else:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+    else:
+        text = "# Reliability\n\n" + section + "\n"
+    RELIABILITY_MD.write_text(text)
