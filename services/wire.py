@@ -5,7 +5,8 @@ A message is three frames, ``[topic, header, body]``:
 - ``topic``: ASCII bytes, dotted (``samples``, ``process``, ``targets``, ``profile``,
   ``heartbeat.<service>``), so that a SUB socket can filter by prefix.
 - ``header``: a msgpack map ``{"v": [major, minor], "type": str, "src": str, "seq": int,
-  "ts": float}``. ``seq`` counts per publisher from 1, so a subscriber sees gaps (drops).
+  "ts": float}``. ``seq`` counts from 1 per publisher and topic, so a subscriber
+  that takes only some topics still sees every gap (drop) in those it takes.
 - ``body``: a msgpack map whose keys depend on ``type`` (see ``MESSAGE_FIELDS`` and
   docs/wire.md, which a test keeps in step with this module).
 
@@ -100,18 +101,18 @@ class Publisher:
     """Numbers and encodes the messages of one sending socket."""
 
     src: str
-    seq: int = 0
+    seq: dict[bytes, int] = field(default_factory=dict)  # per topic
     _packer: msgpack.Packer = field(default_factory=lambda: msgpack.Packer(use_bin_type=True))
 
     def encode(self, mtype: str, body: dict[str, Any], topic: bytes | None = None) -> list[bytes]:
         missing = [k for k in MESSAGE_FIELDS[mtype] if k not in body]
         if missing:
             raise ValueError(f"{mtype} message lacks {missing}")
-        self.seq += 1
-        header = {"v": list(WIRE_VERSION), "type": mtype, "src": self.src, "seq": self.seq,
-                  "ts": time.time()}
         if topic is None:
             topic = default_topic(mtype, self.src)
+        seq = self.seq[topic] = self.seq.get(topic, 0) + 1
+        header = {"v": list(WIRE_VERSION), "type": mtype, "src": self.src, "seq": seq,
+                  "ts": time.time()}
         return [topic, self._packer.pack(header), self._packer.pack(body)]
 
 
@@ -163,15 +164,17 @@ def decode(frames: list[bytes]) -> Message:
 
 @dataclass
 class GapCounter:
-    """Counts messages lost between a subscriber and each publisher, from sequence numbers."""
+    """Counts messages lost between a subscriber and each publisher, from sequence numbers
+    (which count per publisher and topic)."""
 
-    last_seq: dict[str, int] = field(default_factory=dict)
+    last_seq: dict[tuple[str, bytes], int] = field(default_factory=dict)
     lost: int = 0
 
     def observe(self, msg: Message) -> int:
         """Record a message; return how many were missed just before it."""
-        prev = self.last_seq.get(msg.src)
-        self.last_seq[msg.src] = msg.seq
+        key = (msg.src, msg.topic)
+        prev = self.last_seq.get(key)
+        self.last_seq[key] = msg.seq
         if prev is None or msg.seq <= prev:
             # First message from this publisher, or it restarted (sequence starts again).
             return 0

@@ -66,8 +66,17 @@ def test_unknown_major_version_is_refused_but_a_newer_minor_is_read():
 def test_gap_counter_counts_lost_messages_and_survives_restarts():
     gaps = wire.GapCounter()
     for seq in (1, 2, 5, 6, 1, 3):
-        gaps.observe(wire.Message("ack", {}, src="a", seq=seq))
+        gaps.observe(wire.Message("ack", {}, src="a", seq=seq, topic=b"ack"))
     assert gaps.lost == 2 + 1  # 3,4 missing; after the restart (1) 2 is missing
+
+
+def test_sequence_counts_per_topic_so_filtered_subscribers_see_no_false_gaps():
+    pub = wire.Publisher("collector")
+    gaps = wire.GapCounter()
+    for i in range(5):
+        pub.encode("heartbeat", EXAMPLES["heartbeat"])  # not subscribed to
+        gaps.observe(wire.decode(pub.encode("samples", EXAMPLES["samples"])))
+    assert gaps.lost == 0
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
