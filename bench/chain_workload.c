@@ -1,8 +1,10 @@
 /* The bench's C workload: main -> outer -> middle -> leaf, a known call chain, counting the
  * outer() calls it finishes so that a profiler's cost shows as lost throughput.
  *
- * argv[1]: seconds to run (0: until SIGTERM or SIGINT). At exit it prints one line,
- * "iterations=N seconds=S", and the bench divides the two.
+ * argv[1]: seconds to run (0: until SIGTERM or SIGINT); argv[2]: busy share in percent
+ * (default 100: it sleeps the rest of every 10 ms slice). At exit it prints one line,
+ * "iterations=N seconds=S", and the bench divides the two. The tests build it too
+ * (tests/helpers/workload.py): one workload for both.
  *
  * Every function keeps a volatile local array: gcc drops the frame pointer of frameless leaf
  * functions even with -fno-omit-frame-pointer (FACTS.md), and then a frame-pointer walk from
@@ -12,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 static volatile sig_atomic_t stopping;
 
@@ -47,17 +50,24 @@ __attribute__((noinline)) unsigned long outer(unsigned long n) {
 
 int main(int argc, char **argv) {
     double seconds = argc > 1 ? atof(argv[1]) : 0;
+    int busy = argc > 2 ? atoi(argv[2]) : 100;
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
     double start = now(), elapsed = 0;
     unsigned long iterations = 0;
     volatile unsigned long sink = 0;
     /* One outer() call is about a millisecond: reading the clock after each costs nothing. */
+    double slice = start;
     while (!stopping) {
         sink += outer(sink);
         iterations++;
-        elapsed = now() - start;
+        double t = now();
+        elapsed = t - start;
         if (seconds > 0 && elapsed >= seconds) break;
+        if (busy < 100 && t - slice >= 0.01 * busy / 100.0) {
+            usleep((useconds_t)(10000 * (100 - busy) / 100));
+            slice = now();
+        }
     }
     printf("iterations=%lu seconds=%.6f\n", iterations, now() - start);
     return (int)(sink & 0);
