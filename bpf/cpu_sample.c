@@ -45,10 +45,6 @@ static __always_inline void note(u32 kind) {
         (*n)++;  // per-CPU slot: no other CPU writes it
 }
 
-#if DWARF_UNWIND
-#include "unwind.h"
-#endif
-
 static __always_inline void note_stack_error(int err, u32 collision, u32 fault) {
     if (err == -EEXIST)
         note(collision);
@@ -57,6 +53,324 @@ static __always_inline void note_stack_error(int err, u32 collision, u32 fault) 
     else
         note(STACK_OTHER_ERROR);
 }
+
+// Adds one to the sample's count.
+static __always_inline void count_sample(struct sample_key *key) {
+    if (key->kernel_stack_id < 0)
+        note_stack_error(key->kernel_stack_id, KERNEL_STACK_COLLISION, KERNEL_STACK_FAULT);
+    u64 *count = counts.lookup(key);
+    if (count) {
+        (*count)++;
+    } else {
+        u64 one = 1;
+        if (counts.update(key, &one) != 0)
+            note(COUNT_MAP_FULL);
+    }
+}
+
+// The frame-pointer walk of the user stack (the kernel's), then the count.
+static __always_inline void count_with_frame_pointers(struct bpf_perf_event_data *ctx,
+                                                      struct sample_key *key) {
+    key->user_stack_hash = 0;
+    key->user_stack_id = stack_traces.get_stackid(&ctx->regs, BPF_F_USER_STACK);
+    if (key->user_stack_id < 0)
+        note_stack_error(key->user_stack_id, USER_STACK_COLLISION, USER_STACK_FAULT);
+    count_sample(key);
+}
+
+#if DWARF_UNWIND
+// ---- User stacks without frame pointers (DWARF_UNWIND) --------------------------------------
+// A walk over unwind tables built from .eh_frame (services/collector/unwind/,
+// docs/unwinding.md). In this file, not a header: BCC only rewrites and loads the main file.
+//
+// Per frame: find the mapping of the pc in the process's mapping list, binary-search the
+// mapping's rows (a slice of one shared row array) for the row covering the pc, compute the CFA
+// from rsp or rbp, read the return address at CFA-8 and the caller's rbp where the row says it
+// was saved. The walk runs FRAMES_PER_PROGRAM frames per program and goes on in a tail call to
+// itself, so the verifier checks a few frames, not MAX_DEPTH (BCC 0.26 cannot build bpf_loop
+// callbacks). x86_64 only: the return address at CFA-8 and the pt_regs fields are that ABI's.
+
+#define MAPPING_SEARCH_STEPS 16  // 2^16 >= UNWIND_MAPPINGS_MAX
+#define ROW_SEARCH_STEPS 22      // 2^22 rows >= UNWIND_ROWS_MAX
+#define FRAMES_PER_PROGRAM 8
+#define UNWIND_PROGRAM 0         // index of unwind_user_stack in unwind_programs
+
+// enum in services/collector/unwind/eh_frame.py
+#define CFA_NONE 0
+#define CFA_RSP 1
+#define CFA_RBP 2
+#define CFA_PLT 3
+#define CFA_STACK_END 4
+#define CFA_UNSUPPORTED 5
+#define RBP_LOST (-128)
+
+struct unwind_row {
+    u32 pc;           // ELF virtual address where these rules start
+    u16 cfa_offset;   // CFA = (rsp or rbp) + cfa_offset; for CFA_PLT the pc & 15 threshold
+    u8 cfa_type;
+    u8 rbp_offset8;   // as s8: the caller's rbp is saved at CFA + 8 * this; 0: unchanged
+                      // (u8 here: BCC's Python side has no ctype for signed char)
+};
+
+struct unwind_mapping {
+    u64 start;        // [start, end) in the process's address space
+    u64 end;
+    u64 bias;         // runtime address - bias = the ELF virtual address of the table's rows
+    u32 first_row;    // the table: rows [first_row, first_row + rows) of unwind_rows
+    u32 rows;         // 0: no table (vdso, a file without CFI): one frame-pointer step
+};
+
+struct unwind_process {
+    u32 first_mapping;  // its mappings: [first_mapping, + count) of unwind_mappings, by start
+    u32 count;
+};
+
+struct unwound_stack {
+    u64 len;
+    u64 addrs[MAX_DEPTH];  // innermost first: the sample's pc, then return addresses
+};
+
+struct unwind_state {
+    u64 ip, sp, bp;
+    u64 hash;
+    u32 stop;          // enum unwind_stat of the reason the walk ended, 0 while it runs
+    u32 tail_calls;
+    struct sample_key key;
+    struct unwound_stack stack;
+};
+
+// Indexes into unwind_stats; bpf_program.py reads them by the same names.
+enum unwind_stat {
+    UNWIND_RUNNING = 0,
+    UNWIND_STACKS = 1,          // user stacks walked with tables
+    UNWIND_END_OUTERMOST = 2,   // ended at the outermost frame (undefined return address, 0)
+    UNWIND_END_NO_MAPPING = 3,  // a pc outside every known mapping (JIT, or maps changed)
+    UNWIND_END_NOT_COVERED = 4, // a pc in a mapping whose table does not cover it
+    UNWIND_END_UNSUPPORTED = 5, // a row the table could not express (CFA in another register)
+    UNWIND_END_READ_FAULT = 6,  // the stack could not be read where the rules point
+    UNWIND_END_TRUNCATED = 7,   // MAX_DEPTH frames and still not at the end
+    UNWIND_FP_STEPS = 8,        // frames crossed with frame pointers (mappings without tables)
+    UNWIND_KERNEL_MODE = 9,     // samples in kernel mode: walked from the task's saved user regs
+    UNWIND_NO_REGS = 10,        // ... whose user registers could not be read (FP walk instead)
+    UNWIND_STACK_MAP_FULL = 11, // unwound_stacks had no room: the FP walk was used instead
+    UNWIND_STAT_KINDS = 12,
+};
+
+// Both arrays are shared by every process and file; the collector allocates their slices.
+// Lookups by key, not pointer arithmetic inside one large value: the verifier then prunes the
+// paths of a binary search (a value pointer with a variable offset made one frame cost 400,000
+// verified instructions).
+BPF_ARRAY(unwind_rows, struct unwind_row, UNWIND_ROWS_MAX);
+BPF_ARRAY(unwind_mappings, struct unwind_mapping, UNWIND_MAPPINGS_MAX);
+BPF_HASH(unwind_processes, u32, struct unwind_process, UNWIND_PROCESSES_MAX);
+BPF_F_TABLE("hash", u64, struct unwound_stack, unwound_stacks, STACKS_MAX, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_state, 1);
+BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STAT_KINDS);
+BPF_PROG_ARRAY(unwind_programs, 1);
+
+static __always_inline void unwind_note(u32 kind) {
+    u64 *n = unwind_stats.lookup(&kind);
+    if (n)
+        (*n)++;
+}
+
+// x ^ seed ^ seed: the same value, but the verifier loses its bounds. The binary searches below
+// use it so that paths through different halvings look alike to the verifier and are pruned;
+// without it every path is explored and a few frames exceed the verifier's budget. (Parca Agent
+// does the same, see its "opaquify".)
+static __always_inline u32 opaque32(u32 x) {
+    u32 seed = 0xffffffff;
+    asm volatile("%0 ^= %1\n%0 ^= %1\n" : "+&r"(x) : "r"(seed));
+    return x;
+}
+
+// The mapping holding pc, or NULL.
+static __always_inline struct unwind_mapping *find_mapping(struct unwind_process *proc, u64 pc) {
+    u32 first = proc->first_mapping, left = 0, right = proc->count;
+    for (int i = 0; i < MAPPING_SEARCH_STEPS + 1; i++) {
+        if (left >= right)
+            break;
+        u32 mid = opaque32((left + right) / 2);
+        left = opaque32(left);
+        right = opaque32(right);
+        u32 index = first + mid;
+        struct unwind_mapping *m = unwind_mappings.lookup(&index);
+        if (!m)
+            return NULL;
+        if (m->start <= pc)
+            left = mid + 1;
+        else
+            right = mid;
+    }
+    if (left == 0)
+        return NULL;
+    u32 index = first + left - 1;
+    struct unwind_mapping *m = unwind_mappings.lookup(&index);
+    return m && pc < m->end ? m : NULL;
+}
+
+// The last row of [first, first + count) whose pc <= pc, or NULL.
+static __always_inline struct unwind_row *find_row(u32 first, u32 count, u32 pc) {
+    u32 left = 0, right = count;
+    for (int i = 0; i < ROW_SEARCH_STEPS + 1; i++) {
+        if (left >= right)
+            break;
+        u32 mid = opaque32((left + right) / 2);
+        left = opaque32(left);
+        right = opaque32(right);
+        u32 index = first + mid;
+        struct unwind_row *row = unwind_rows.lookup(&index);
+        if (!row)
+            return NULL;
+        if (row->pc <= pc)
+            left = mid + 1;
+        else
+            right = mid;
+    }
+    if (left == 0)
+        return NULL;
+    u32 index = first + left - 1;
+    return unwind_rows.lookup(&index);
+}
+
+static __always_inline int unwind_stop(struct unwind_state *st, u32 reason) {
+    st->stop = reason;
+    return 1;
+}
+
+// One frame: record the current pc, then find the caller's registers. 1: the walk ended.
+static __always_inline int unwind_frame(struct unwind_state *st) {
+    u64 n = st->stack.len;
+    if (n >= MAX_DEPTH)
+        return unwind_stop(st, UNWIND_END_TRUNCATED);
+    st->stack.addrs[n] = st->ip;
+    st->stack.len = n + 1;
+    st->hash = (st->hash ^ st->ip) * 0x9E3779B97F4A7C15ULL;
+    st->hash ^= st->hash >> 29;
+
+    // A return address points after the call: look up the call itself.
+    u64 pc = n == 0 ? st->ip : st->ip - 1;
+    struct unwind_process *proc = unwind_processes.lookup(&st->key.pid);
+    if (!proc)
+        return unwind_stop(st, UNWIND_END_NO_MAPPING);
+    struct unwind_mapping *m = find_mapping(proc, pc);
+    if (!m)
+        return unwind_stop(st, UNWIND_END_NO_MAPPING);
+    u64 cfa, ra = 0, bp = st->bp;
+    if (m->rows == 0) {
+        // No table for this file (the vdso): trust the frame pointer for one frame.
+        u64 frame[2];
+        if (st->bp == 0 || bpf_probe_read_user(frame, sizeof(frame), (void *)st->bp) != 0)
+            return unwind_stop(st, UNWIND_END_READ_FAULT);
+        unwind_note(UNWIND_FP_STEPS);
+        st->sp = st->bp + 16;
+        st->bp = frame[0];
+        st->ip = frame[1];
+        return st->ip == 0 ? unwind_stop(st, UNWIND_END_OUTERMOST) : 0;
+    }
+    u64 vaddr = pc - m->bias;
+    if (vaddr > 0xffffffffULL)
+        return unwind_stop(st, UNWIND_END_NOT_COVERED);
+    struct unwind_row *row = find_row(m->first_row, m->rows, (u32)vaddr);
+    if (!row)
+        return unwind_stop(st, UNWIND_END_NOT_COVERED);
+    u8 cfa_type = row->cfa_type;
+    u64 cfa_offset = row->cfa_offset;
+    s64 rbp_offset8 = (s8)row->rbp_offset8;
+    if (cfa_type == CFA_RSP)
+        cfa = st->sp + cfa_offset;
+    else if (cfa_type == CFA_RBP)
+        cfa = st->bp + cfa_offset;
+    else if (cfa_type == CFA_PLT)
+        cfa = st->sp + 8 + (((pc & 15) >= cfa_offset) ? 8 : 0);
+    else if (cfa_type == CFA_STACK_END)
+        return unwind_stop(st, UNWIND_END_OUTERMOST);
+    else if (cfa_type == CFA_NONE)
+        return unwind_stop(st, UNWIND_END_NOT_COVERED);
+    else
+        return unwind_stop(st, UNWIND_END_UNSUPPORTED);
+    if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)) != 0)
+        return unwind_stop(st, UNWIND_END_READ_FAULT);
+    if (rbp_offset8 == RBP_LOST) {
+        bp = 0;
+    } else if (rbp_offset8 != 0) {
+        if (bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + rbp_offset8 * 8)) != 0)
+            return unwind_stop(st, UNWIND_END_READ_FAULT);
+    }
+    if (ra == 0)
+        return unwind_stop(st, UNWIND_END_OUTERMOST);
+    st->ip = ra;
+    st->sp = cfa;
+    st->bp = bp;
+    return 0;
+}
+
+// Continues the walk of the sample in unwind_scratch; counts the sample when it ends.
+int unwind_user_stack(struct bpf_perf_event_data *ctx) {
+    u32 zero = 0;
+    struct unwind_state *st = unwind_scratch.lookup(&zero);
+    if (!st)
+        return 0;
+    for (int i = 0; i < FRAMES_PER_PROGRAM; i++) {
+        if (unwind_frame(st))
+            goto done;
+    }
+    st->tail_calls++;
+    unwind_programs.call(ctx, UNWIND_PROGRAM);
+    // The tail call limit (33) or a missing program: end here.
+    unwind_stop(st, UNWIND_END_TRUNCATED);
+done:
+    unwind_note(UNWIND_STACKS);
+    unwind_note(st->stop);
+    u64 hash = st->hash | 1;  // never 0: 0 means "no unwound stack"
+    if (unwound_stacks.update(&hash, &st->stack) != 0) {
+        unwind_note(UNWIND_STACK_MAP_FULL);
+        count_with_frame_pointers(ctx, &st->key);
+        return 0;
+    }
+    st->key.user_stack_hash = hash;
+    st->key.user_stack_id = -ENOENT;
+    count_sample(&st->key);
+    return 0;
+}
+
+// Starts the table walk when the process has tables: 1 when the walk took the sample over.
+static __always_inline int start_unwinding(struct bpf_perf_event_data *ctx,
+                                           struct sample_key *key) {
+    if (!unwind_processes.lookup(&key->pid))
+        return 0;
+    u32 zero = 0;
+    struct unwind_state *st = unwind_scratch.lookup(&zero);
+    if (!st)
+        return 0;
+    u64 ip = PT_REGS_IP(&ctx->regs);
+    if (ip >> 63) {
+        // Kernel mode: the user registers were saved at the top of the task's kernel stack.
+        unwind_note(UNWIND_KERNEL_MODE);
+        struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+        struct pt_regs user = {};
+        if (!regs || bpf_probe_read_kernel(&user, sizeof(user), regs) != 0 || user.ip >> 63
+            || user.ip == 0) {
+            unwind_note(UNWIND_NO_REGS);
+            return 0;
+        }
+        st->ip = user.ip;
+        st->sp = user.sp;
+        st->bp = user.bp;
+    } else {
+        st->ip = ip;
+        st->sp = PT_REGS_SP(&ctx->regs);
+        st->bp = PT_REGS_FP(&ctx->regs);
+    }
+    st->key = *key;
+    st->stop = UNWIND_RUNNING;
+    st->tail_calls = 0;
+    st->hash = 0xcbf29ce484222325ULL;
+    st->stack.len = 0;
+    unwind_programs.call(ctx, UNWIND_PROGRAM);
+    return 0;  // the tail call failed (not loaded yet): frame pointers
+}
+#endif
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u64 id = bpf_get_current_pid_tgid();
@@ -81,26 +395,14 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     key.tid = tid;
     key.cgroup_id = cgroup_id;
     key.user_stack_id = -ENOENT;
-#if DWARF_UNWIND
-    // Processes with unwind tables get their user stack from the tables; the rest, and any
-    // sample whose walk cannot start, keep the kernel's frame-pointer walk.
-    key.user_stack_hash = unwind_user_stack(ctx, tgid);
-#endif
-    if (!key.user_stack_hash)
-        key.user_stack_id = stack_traces.get_stackid(&ctx->regs, BPF_F_USER_STACK);
     key.kernel_stack_id = stack_traces.get_stackid(&ctx->regs, 0);
-    if (!key.user_stack_hash && key.user_stack_id < 0)
-        note_stack_error(key.user_stack_id, USER_STACK_COLLISION, USER_STACK_FAULT);
-    if (key.kernel_stack_id < 0)
-        note_stack_error(key.kernel_stack_id, KERNEL_STACK_COLLISION, KERNEL_STACK_FAULT);
-
-    u64 *count = counts.lookup(&key);
-    if (count) {
-        (*count)++;
-    } else {
-        u64 one = 1;
-        if (counts.update(&key, &one) != 0)
-            note(COUNT_MAP_FULL);
-    }
+#if DWARF_UNWIND
+    // Processes with unwind tables get their user stack from the tables (the walk continues in
+    // unwind_user_stack, which counts the sample); the rest, and any sample whose walk cannot
+    // start, keep the kernel's frame-pointer walk.
+    if (start_unwinding(ctx, &key))
+        return 0;
+#endif
+    count_with_frame_pointers(ctx, &key);
     return 0;
 }

@@ -16,6 +16,7 @@ from services.collector.bpf_program import PROBLEM_NAMES, CpuSampler
 from services.collector.build_id import BuildIdCache
 from services.collector.kernel_symbols import KernelSymbols
 from services.collector.processes import ProcessTable
+from services.collector.unwind.loader import UnwindLoader
 from services.settings import Settings
 
 log = logging.getLogger("parca_agent.collector")
@@ -54,6 +55,11 @@ class Collector:
         self.processes = ProcessTable(settings.proc_path, BuildIdCache(), binaries, metrics,
                                       republish_every=settings.profiling_duration / 2)
         self._problems = {name: 0 for name in PROBLEM_NAMES}
+        # .eh_frame unwinding: tables load in a background thread as processes appear.
+        self.unwinder = None
+        if getattr(sampler, "unwinding", False):
+            self.unwinder = UnwindLoader(sampler, settings.proc_path, metrics)
+            self.unwinder.start()
         self._last_drain_ns = time.time_ns()
         self.filtering = False
 
@@ -137,8 +143,10 @@ class Collector:
 
         records = []
         user_addresses: dict[int, set[int]] = {}
+        samples: dict[int, int] = {}
         total = 0
         for e in entries:
+            samples[e.pid] = samples.get(e.pid, 0) + e.count
             u = index_of.get(e.user_stack_id, -1) if e.user_stack_id >= 0 else -1
             k = index_of.get(e.kernel_stack_id, -1) if e.kernel_stack_id >= 0 else -1
             records.append([e.pid, e.tid, e.cgroup_id, u, k, e.count])
@@ -153,10 +161,15 @@ class Collector:
             body = self.processes.observe(pid, list(addresses))
             if body is not None:
                 self._send("process", body)
+                if self.unwinder is not None:  # new, remapped or reused: (re)load its tables
+                    self.unwinder.request(pid, samples.get(pid, 1))
         for body in self.processes.due_republish():
             self._send("process", body)
 
         problems = self._update_problems(lost)
+        if self.unwinder is not None:
+            self.unwinder.note_samples(samples)
+            self.unwinder.report()
         if records:
             self._send("samples", {
                 "time_ns": now_ns, "duration_ns": now_ns - self._last_drain_ns,
@@ -194,6 +207,8 @@ class Collector:
         self.metrics.inc("messages_published_total", type=mtype)
 
     def close(self) -> None:
+        if self.unwinder is not None:
+            self.unwinder.stop()
         self.binaries.stop()
         self.pub.close()
         self.targets.close()

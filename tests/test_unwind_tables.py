@@ -1,0 +1,272 @@
+"""Unwind tables from .eh_frame: rows of known functions, the caches, and per-process loading
+(against a recording fake of the BPF maps)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from services.collector.unwind import eh_frame
+from services.collector.unwind.eh_frame import (
+    CFA_NONE,
+    CFA_RBP,
+    CFA_RSP,
+    CFA_STACK_END,
+    TableError,
+    build_table,
+)
+from services.collector.unwind.loader import UnwindLoader
+from services.collector.unwind.tables import RangeAllocator, TableCache
+from tests.conftest import require_tool
+from tests.helpers.workload import compile_c
+
+FRAMED_SOURCE = r"""
+#include <unistd.h>
+__attribute__((noinline)) long framed(long n) {
+    volatile long a[4]; a[0] = n; a[1] = a[0] * 3; return a[1];
+}
+__attribute__((noinline)) long pushes(long n) {
+    /* Enough live values across a call that gcc saves callee-saved registers. */
+    long a = n * 3, b = n * 5, c = n * 7;
+    framed(a);
+    return a + b + c + framed(b + c);
+}
+int main(int argc, char **argv) {
+    if (argc > 1) for (;;) pause();
+    return (int)(framed(argc) + pushes(argc));
+}
+"""
+
+
+def _symbols(binary) -> dict[str, int]:
+    out = subprocess.run(["nm", str(binary)], capture_output=True, text=True, check=True).stdout
+    return {parts[2]: int(parts[0], 16) for parts in (l.split() for l in out.splitlines())
+            if len(parts) == 3}
+
+
+def _instructions(binary, function: str) -> list[tuple[int, str]]:
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(binary)],
+                         capture_output=True, text=True, check=True).stdout
+    body = out.split(f"<{function}>:\n", 1)[1].split("\n\n", 1)[0]
+    return [(int(m.group(1), 16), m.group(2).strip())
+            for m in re.finditer(r"^\s*([0-9a-f]+):\s+(.*)$", body, re.MULTILINE)]
+
+
+@pytest.fixture(scope="module")
+def framed_binary(tmp_path_factory):
+    require_tool("gcc")
+    require_tool("objdump")
+    out = tmp_path_factory.mktemp("unwind") / "framed"
+    return compile_c(FRAMED_SOURCE, out, ["-O2", "-fno-omit-frame-pointer", "-fno-inline"])
+
+
+def test_rows_follow_a_frame_pointer_prologue(framed_binary):
+    table = build_table(str(framed_binary))
+    insns = _instructions(framed_binary, "framed")
+    entry = insns[0][0]
+    push = next(a for a, text in insns if text.startswith("push") and "%rbp" in text)
+    mov = next(a for a, text in insns if text.startswith("mov") and "%rsp,%rbp" in text)
+    after_mov = next(a for a, _ in insns if a > mov)
+    # At entry the return address is on top of the stack: CFA = rsp + 8, rbp not saved yet.
+    assert table.row_at(entry)[1:] == (CFA_RSP, 8, 0)
+    # After push %rbp: CFA = rsp + 16 and the caller's rbp sits at CFA - 16.
+    after_push = next(a for a, _ in insns if a > push)
+    assert table.row_at(after_push)[1:] == (CFA_RSP, 16, -16)
+    # After mov %rsp,%rbp the CFA follows rbp.
+    assert table.row_at(after_mov)[1:] == (CFA_RBP, 16, -16)
+
+
+def test_rows_of_a_function_without_frame_pointer(tmp_path):
+    require_tool("gcc")
+    require_tool("objdump")
+    binary = compile_c(FRAMED_SOURCE, tmp_path / "omit", ["-O2", "-fomit-frame-pointer",
+                                                          "-fno-inline"])
+    table = build_table(str(binary))
+    insns = _instructions(binary, "pushes")
+    assert table.row_at(insns[0][0])[1:3] == (CFA_RSP, 8)
+    # Every push or sub of rsp moves the CFA offset by as much; rbp stays where it was.
+    depth = 8
+    for (address, text), (following, _) in zip(insns, insns[1:]):
+        if text.startswith("call"):
+            break
+        if text.startswith("push"):
+            depth += 8
+        m = re.match(r"sub\s+\$0x([0-9a-f]+),%rsp", text)
+        if m:
+            depth += int(m.group(1), 16)
+        row = table.row_at(following)
+        assert row[1:3] == (CFA_RSP, depth), (hex(following), text, row)
+    assert depth > 8, "the function saved nothing: the test proves little"
+
+
+def test_start_is_the_outermost_frame_and_gaps_are_not_covered(framed_binary):
+    table = build_table(str(framed_binary))
+    symbols = _symbols(framed_binary)
+    assert table.row_at(symbols["_start"])[1] == CFA_STACK_END
+    # After the last FDE no rule applies.
+    last_pc = eh_frame.ROW.unpack_from(table.rows, (table.count - 1) * eh_frame.ROW.size)[0]
+    assert table.row_at(last_pc)[1] == CFA_NONE
+    assert table.row_at(0) is None
+    rows = [eh_frame.ROW.unpack_from(table.rows, i * 8) for i in range(table.count)]
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+
+
+def test_debug_frame_rows_join_the_eh_frame_ones(tmp_path):
+    require_tool("gcc")
+    binary = compile_c(FRAMED_SOURCE, tmp_path / "debugframe",
+                       ["-O2", "-g", "-fno-asynchronous-unwind-tables", "-fno-omit-frame-pointer",
+                        "-fno-inline"])
+    sections = subprocess.run(["readelf", "-S", "-W", str(binary)], capture_output=True,
+                              text=True, check=True).stdout
+    assert ".debug_frame" in sections
+    table = build_table(str(binary))
+    framed = _symbols(binary)["framed"]
+    assert table.row_at(framed)[1:] == (CFA_RSP, 8, 0)
+    assert table.row_at(_symbols(binary)["_start"])[1] == CFA_STACK_END
+
+
+def test_python_interpreter_table_is_almost_all_supported_rows():
+    table = build_table("/usr/bin/python3")
+    assert table.count > 10000
+    assert table.unsupported_rows < table.count / 1000
+    assert table.vaddr(table.segments[0][0]) == table.segments[0][2]
+
+
+def test_files_without_a_table_raise_one_reason(tmp_path):
+    text = tmp_path / "text"
+    text.write_text("not an ELF file")
+    with pytest.raises(TableError) as e:
+        build_table(str(text))
+    assert e.value.reason == "malformed"
+    with pytest.raises(TableError) as e:
+        build_table(str(tmp_path / "missing"))
+    assert e.value.reason == "unreadable"
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(open("/usr/bin/python3", "rb").read(70000))
+    with pytest.raises(TableError):
+        build_table(str(truncated))
+
+
+def test_range_allocator_reuses_and_merges_freed_slices():
+    space = RangeAllocator(100)
+    a, b, c = space.allocate(40), space.allocate(40), space.allocate(20)
+    assert (a, b, c) == (0, 40, 80) and space.allocate(1) is None
+    space.release(a, 40)
+    space.release(b, 40)
+    assert space.allocate(80) == 0, "neighbouring free slices merge into one"
+    space.release(0, 80)
+    space.release(c, 20)
+    assert space.available == 100 and space.allocate(100) == 0
+
+
+def test_table_cache_is_bounded_and_remembers_failures():
+    built = []
+
+    def build(path):
+        built.append(path)
+        if path == "bad":
+            raise TableError("no_cfi")
+        return eh_frame.UnwindTable(rows=b"\0" * 800, fdes=1, unsupported_rows=0)
+
+    cache = TableCache(max_bytes=2000, build=build)
+    assert cache.get("a", "a").count == 100
+    cache.get("b", "b")
+    cache.get("a", "a")  # a is now the most recent
+    cache.get("c", "c")  # 2400 bytes > 2000: b goes
+    assert cache.bytes == 1600 and built == ["a", "b", "c"]
+    cache.get("b", "b")
+    assert built[-1] == "b"
+    assert cache.get("x", "bad") is None and cache.get("x", "bad") is None
+    assert built.count("bad") == 1 and cache.failures == {"no_cfi": 1}
+
+
+class RecordingMaps:
+    """Stands in for CpuSampler's unwind map writes."""
+
+    def __init__(self):
+        self.rows: dict[int, bytes] = {}
+        self.mappings: dict[int, tuple] = {}
+        self.processes: dict[int, tuple[int, int]] = {}
+
+    def write_unwind_rows(self, first, rows):
+        for i in range(len(rows) // 8):
+            self.rows[first + i] = rows[i * 8:(i + 1) * 8]
+
+    def write_unwind_mappings(self, first, mappings):
+        for i, m in enumerate(mappings):
+            self.mappings[first + i] = m
+
+    def set_unwind_process(self, pid, first, count):
+        self.processes[pid] = (first, count)
+
+    def drop_unwind_process(self, pid):
+        del self.processes[pid]
+
+    def read_unwind_stats(self):
+        return {}
+
+    def mapping_of(self, pid, address):
+        first, count = self.processes[pid]
+        for i in range(first, first + count):
+            start, end, bias, first_row, rows = self.mappings[i]
+            if start <= address < end:
+                return bias, first_row, rows
+        return None
+
+
+def test_loader_places_each_file_once_and_drops_it_with_its_last_process(framed_binary):
+    maps = RecordingMaps()
+    loader = UnwindLoader(maps)
+    a = subprocess.Popen([str(framed_binary), "wait"])
+    b = subprocess.Popen([str(framed_binary), "wait"])
+    try:
+        time.sleep(0.2)
+        assert loader.load(a.pid) and loader.load(b.pid)
+        table = build_table(str(framed_binary))
+        framed = _symbols(framed_binary)["framed"]
+        in_a, in_b = (_runtime(p.pid, framed_binary, table, framed) for p in (a, b))
+        bias, first_row, rows = maps.mapping_of(a.pid, in_a)
+        assert rows == table.count and in_a - bias == framed
+        assert maps.mapping_of(b.pid, in_b)[1:] == (first_row, rows), "one copy for both"
+        in_bpf = b"".join(maps.rows[first_row + i] for i in range(rows))
+        assert in_bpf == table.rows
+        libc_users = [r for k, r in loader.resident.items() if len(r.users) == 2]
+        assert len(libc_users) >= 2  # the binary and libc, at least
+        a.kill()
+        a.wait()
+        assert loader.prune() == 1 and a.pid not in maps.processes
+        assert all(r.users == {b.pid} for r in loader.resident.values())
+        b.kill()
+        b.wait()
+        loader.prune()
+        assert loader.resident == {} and loader.rows.available == loader.rows.capacity
+        assert loader.mapping_slots.available == loader.mapping_slots.capacity
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait()
+
+
+def _runtime(pid: int, binary, table, vaddr: int) -> int:
+    """Where the file's virtual address vaddr is in pid, from its maps."""
+    for line in open(f"/proc/{pid}/maps"):
+        fields = line.split()
+        if fields[-1] == str(binary) and "x" in fields[1]:
+            start = int(fields[0].split("-")[0], 16)
+            return start + vaddr - table.vaddr(int(fields[2], 16))
+    raise AssertionError("the binary is not mapped")
+
+
+def test_the_environment_turns_unwinding_off(monkeypatch):
+    from services.collector.bpf_program import UNWIND_ENV, unwind_requested
+
+    monkeypatch.delenv(UNWIND_ENV, raising=False)
+    assert unwind_requested()
+    for off in ("0", "false", "OFF", "no"):
+        monkeypatch.setenv(UNWIND_ENV, off)
+        assert not unwind_requested()
+    monkeypatch.setenv(UNWIND_ENV, "true")
+    assert unwind_requested()
