@@ -1,18 +1,24 @@
-"""Loads bpf/cpu_sample.c with BCC, attaches it to cpu-clock on every CPU and drains its maps.
+"""bpf/cpu_sample.c in the kernel: attached to cpu-clock on every CPU, its maps drained.
 
-Draining reads raw bytes out of the maps with reusable buffers and ``struct`` instead of BCC's
-per-entry ctypes objects: the drain runs every second and must cost less than `perf record`.
+BCC compiles and loads the program in a short-lived child (services/collector/loader.py), so
+this long-running process never maps LLVM; it opens the perf events, attaches the program and
+reads and writes the maps with plain bpf() calls (bpf_syscalls.py), in reused buffers unpacked
+with ``struct``: the drain runs every second and must cost less than `perf record`.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import errno
+import importlib.util
 import logging
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.collector import bpf_syscalls as bs
+from services.collector.loader import LoadError, load
 
 BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "cpu_sample.c"
 
@@ -82,9 +88,7 @@ def check_environment() -> None:
     if os.geteuid() != 0:
         raise BpfUnavailable("the collector must run as root (or with CAP_BPF and CAP_PERFMON) "
                              "to load BPF programs; start it as root")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("bcc") is None:  # found, not imported: that would map LLVM here
         raise BpfUnavailable("the bcc Python module is missing: install Debian's python3-bpfcc "
                              "(make run does) and use a venv with system site packages") from None
     build = f"/lib/modules/{os.uname().release}/build"
@@ -106,52 +110,54 @@ class CountEntry:
     count: int
 
 
+MAPS = ("counts", "stack_traces", "filter_cgroups", "filter_pids", "filter_enabled", "problems")
+UNWIND_MAPS = ("unwind_rows", "unwind_mappings", "unwind_processes", "unwound_stacks",
+               "unwind_stats", "unwind_programs")
+
+
 class CpuSampler:
     """The loaded program: perf events attached, maps open."""
 
     def __init__(self, frequency: int, unwind: bool | None = None):
         check_environment()
-        import bcc
-
-        self._bcc = bcc
         self.unwinding = unwind_requested() if unwind is None else unwind
         while True:
             try:
-                self.bpf = self._load(bcc, self.unwinding)
+                loaded = self._load(self.unwinding)
                 break
-            except Exception as e:
-                first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            except LoadError as e:
                 if not self.unwinding:
-                    raise BpfUnavailable(f"BCC could not compile or load {BPF_SOURCE.name}: "
-                                         f"{first_line} (check the kernel headers link and "
-                                         "dmesg)") from None
+                    raise BpfUnavailable(f"could not load {BPF_SOURCE.name}: {e} (check the "
+                                         "kernel headers link and dmesg)") from None
                 # The walker needs tail calls, BTF task helpers and a verifier that takes it:
                 # frame pointers still work without it.
-                log.warning("the .eh_frame unwinder did not load (%s); frame pointers only",
-                            first_line)
+                log.warning("the .eh_frame unwinder did not load (%s); frame pointers only", e)
                 self.unwinding = False
+        self._loaded = loaded
+        self._events: list[int] = []
         try:
-            self.bpf.attach_perf_event(ev_type=bcc.PerfType.SOFTWARE,
-                                       ev_config=bcc.PerfSWConfig.CPU_CLOCK,
-                                       fn_name=b"on_cpu_sample", sample_freq=frequency)
-        except Exception as e:
-            self.bpf.cleanup()
-            raise BpfUnavailable(f"cannot open cpu-clock perf events: {e} "
+            for cpu in bs.online_cpus():
+                fd = bs.open_cpu_clock(cpu, frequency)
+                self._events.append(fd)
+                bs.attach_and_enable(fd, loaded.programs["on_cpu_sample"])
+        except OSError as e:
+            self.close()
+            raise BpfUnavailable(f"cannot open cpu-clock perf events: {e.strerror} "
                                  "(is perf_event_paranoid or a seccomp profile in the way?)") from None
-        self.counts = self.bpf["counts"]
-        self.stacks = self.bpf["stack_traces"]
-        self.problems = self.bpf["problems"]
-        self.filter_cgroups = self.bpf["filter_cgroups"]
-        self.filter_pids = self.bpf["filter_pids"]
-        self.filter_enabled = self.bpf["filter_enabled"]
+        maps = loaded.maps
+        self.counts = maps["counts"]
+        self.stacks = maps["stack_traces"]
+        self.problems = maps["problems"]
+        self.filter_cgroups = maps["filter_cgroups"]
+        self.filter_pids = maps["filter_pids"]
+        self.filter_enabled = maps["filter_enabled"]
         if self.unwinding:
-            self.unwind_rows = self.bpf["unwind_rows"]
-            self.unwind_processes = self.bpf["unwind_processes"]
-            self.unwind_mappings = self.bpf["unwind_mappings"]
-            self.unwound_stacks = self.bpf["unwound_stacks"]
-            self.unwind_stats = self.bpf["unwind_stats"]
+            self.unwind_rows = maps["unwind_rows"]
+            self.unwind_processes = maps["unwind_processes"]
+            self.unwind_mappings = maps["unwind_mappings"]
+            self.unwound_stacks = maps["unwound_stacks"]
+            self.unwind_stats = maps["unwind_stats"]
             self._unwound_buf = ct.create_string_buffer(UNWOUND_STACK.size)
-        self._lib = bcc.libbcc.lib
         # Reused buffers: allocating 65536 keys every second would dominate the drain.
         self._keys = ct.create_string_buffer(KEY.size * COUNTS_MAX)
         self._values = ct.create_string_buffer(VALUE.size * COUNTS_MAX)
@@ -161,25 +167,17 @@ class CpuSampler:
         self.filtered_pids: set[int] = set()
 
     @staticmethod
-    def _load(bcc, unwind: bool):
+    def _load(unwind: bool):
         cflags = [f"-DCOUNTS_MAX={COUNTS_MAX}", f"-DSTACKS_MAX={STACKS_MAX}",
                   f"-DFILTER_MAX={FILTER_MAX}", f"-DDWARF_UNWIND={int(unwind)}"]
+        maps, tail_calls = list(MAPS), []
         if unwind:
             cflags += [f"-DUNWIND_ROWS_MAX={UNWIND_ROWS_MAX}",
                        f"-DUNWIND_MAPPINGS_MAX={UNWIND_MAPPINGS_MAX}",
                        f"-DUNWIND_PROCESSES_MAX={UNWIND_PROCESSES_MAX}"]
-        bpf = bcc.BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
-        try:
-            if unwind:
-                walker = bpf.load_func(b"unwind_user_stack", bcc.BPF.PERF_EVENT)
-                bpf["unwind_programs"][ct.c_int(0)] = ct.c_int(walker.fd)
-            # Loaded here, not in attach_perf_event, so that a verifier refusal is told apart
-            # from perf events that cannot open.
-            bpf.load_func(b"on_cpu_sample", bcc.BPF.PERF_EVENT)
-        except Exception:
-            bpf.cleanup()
-            raise
-        return bpf
+            maps += UNWIND_MAPS
+            tail_calls = [("unwind_programs", 0, "unwind_user_stack")]
+        return load(BPF_SOURCE.read_text(), cflags, ["on_cpu_sample"], maps, tail_calls)
 
     def drain_counts(self) -> list[CountEntry]:
         """Take every count out of the kernel map (lookup-and-delete)."""
@@ -194,25 +192,7 @@ class CpuSampler:
         return self._drain_iterate()
 
     def _drain_batch(self) -> list[CountEntry]:
-        fn = self._lib.bpf_lookup_and_delete_batch
-        out_batch = ct.c_uint32(0)
-        count = ct.c_uint32(0)
-        total = 0
-        first = True
-        while total < COUNTS_MAX:
-            count.value = COUNTS_MAX - total
-            res = fn(self.counts.map_fd, None if first else ct.byref(out_batch),
-                     ct.byref(out_batch), ct.byref(self._keys, KEY.size * total),
-                     ct.byref(self._values, VALUE.size * total), ct.byref(count))
-            err = ct.get_errno()
-            total += count.value
-            first = False
-            if res != 0:
-                if err == errno.ENOENT:
-                    break  # the whole map was read
-                raise OSError(err, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err)}")
-            if count.value == 0:
-                break
+        total = self.counts.lookup_and_delete_batch(self._keys, self._values)
         keys = self._keys.raw[: KEY.size * total]
         values = self._values.raw[: VALUE.size * total]
         return [_entry(*k, v[0]) for k, v in zip(KEY.iter_unpack(keys),
@@ -220,14 +200,11 @@ class CpuSampler:
 
     def _drain_iterate(self) -> list[CountEntry]:
         entries = []
-        for k in list(self.counts.keys()):
-            try:
-                v = self.counts[k].value
-                del self.counts[k]
-            except KeyError:
+        for key in self.counts.keys():
+            value = self.counts.lookup(key)
+            if value is None or not self.counts.delete(key):
                 continue
-            entries.append(_entry(k.pid, k.tid, k.cgroup_id, k.user_stack_id,
-                                  k.kernel_stack_id, k.user_stack_hash, v))
+            entries.append(_entry(*KEY.unpack(key), VALUE.unpack(value)[0]))
         return entries
 
     def take_stack(self, stack_id: int) -> list[int] | None:
@@ -235,10 +212,10 @@ class CpuSampler:
         (BCC's StackTrace.clear() does nothing, so without this the map fills up)."""
         if stack_id >= UNWOUND_STACK_BASE:
             return self._take_unwound(stack_id - UNWOUND_STACK_BASE)
-        key = ct.c_int(stack_id)
-        res = self._lib.bpf_lookup_elem(self.stacks.map_fd, ct.byref(key), self._stack_buf)
-        self._lib.bpf_delete_elem(self.stacks.map_fd, ct.byref(key))
-        if res != 0:
+        key = struct.pack("<i", stack_id)
+        found = self.stacks.lookup_into(key, self._stack_buf)
+        self.stacks.delete(key)
+        if not found:
             return None
         addresses = STACK.unpack(self._stack_buf.raw)
         n = addresses.index(0) if 0 in addresses else MAX_DEPTH
@@ -247,11 +224,10 @@ class CpuSampler:
     def _take_unwound(self, stack_hash: int) -> list[int] | None:
         if not self.unwinding:
             return None
-        key = ct.c_uint64(stack_hash)
-        res = self._lib.bpf_lookup_elem(self.unwound_stacks.map_fd, ct.byref(key),
-                                        self._unwound_buf)
-        self._lib.bpf_delete_elem(self.unwound_stacks.map_fd, ct.byref(key))
-        if res != 0:
+        key = struct.pack("<Q", stack_hash)
+        found = self.unwound_stacks.lookup_into(key, self._unwound_buf)
+        self.unwound_stacks.delete(key)
+        if not found:
             return None
         n, *addresses = UNWOUND_STACK.unpack(self._unwound_buf.raw)
         return list(addresses[: min(n, MAX_DEPTH)])
@@ -267,67 +243,61 @@ class CpuSampler:
         self._write_array(self.unwind_mappings, first, packed, UNWIND_MAPPING.size,
                           UNWIND_MAPPINGS_MAX)
 
-    def _write_array(self, table, first: int, values: bytes, size: int, capacity: int) -> None:
+    def _write_array(self, table: bs.Map, first: int, values: bytes, size: int,
+                     capacity: int) -> None:
         count = len(values) // size
         if count == 0:
             return
         if first < 0 or first + count > capacity:
             raise ValueError(f"entries {first}+{count} outside a map of {capacity}")
-        keys = (ct.c_uint32 * count)(*range(first, first + count))
-        buffer = ct.create_string_buffer(values, len(values))
-        n = ct.c_uint32(count)
-        if self._lib.bpf_update_batch(table.map_fd, keys, buffer, ct.byref(n)) != 0:
-            err = ct.get_errno()
-            raise OSError(err, f"BPF_MAP_UPDATE_BATCH: {os.strerror(err)}")
+        keys = struct.pack(f"<{count}I", *range(first, first + count))
+        table.update_batch(keys, values, count)
 
     def set_unwind_process(self, pid: int, first_mapping: int, count: int) -> None:
         """Point pid at its mappings (sorted by start): its samples are walked with tables."""
-        key = ct.c_uint32(pid)
-        value = ct.create_string_buffer(UNWIND_PROCESS.pack(first_mapping, count))
-        if self._lib.bpf_update_elem(self.unwind_processes.map_fd, ct.byref(key), value, 0) != 0:
-            err = ct.get_errno()
-            raise OSError(err, f"unwind_processes[{pid}]: {os.strerror(err)}")
+        self.unwind_processes.update(struct.pack("<I", pid),
+                                     UNWIND_PROCESS.pack(first_mapping, count))
 
     def drop_unwind_process(self, pid: int) -> None:
-        key = ct.c_uint32(pid)
-        self._lib.bpf_delete_elem(self.unwind_processes.map_fd, ct.byref(key))
+        self.unwind_processes.delete(struct.pack("<I", pid))
 
     def read_unwind_stats(self) -> dict[str, int]:
         """Totals since load, summed over CPUs; empty when the unwinder is off."""
         if not self.unwinding:
             return {}
-        return {name: int(sum(self.unwind_stats[ct.c_int(i)]))
+        return {name: sum(self.unwind_stats.per_cpu_values(struct.pack("<I", i)))
                 for i, name in enumerate(UNWIND_STAT_NAMES) if name}
 
     def read_problems(self) -> dict[str, int]:
         """Totals since load, summed over CPUs."""
-        totals = {}
-        for i, name in enumerate(PROBLEM_NAMES):
-            per_cpu = self.problems[ct.c_int(i)]
-            totals[name] = int(sum(per_cpu))
-        return totals
+        return {name: sum(self.problems.per_cpu_values(struct.pack("<I", i)))
+                for i, name in enumerate(PROBLEM_NAMES)}
 
     def set_filter(self, enabled: bool, cgroup_ids: set[int], pids: set[int]) -> None:
         """Make the in-kernel filter match discovery's targets; only differences are written."""
-        one = ct.c_uint8(1)
-        for table, current, wanted, ctype in (
+        for table, current, wanted, fmt in (
                 (self.filter_cgroups, self.filtered_cgroups, cgroup_ids if enabled else set(),
-                 ct.c_uint64),
-                (self.filter_pids, self.filtered_pids, pids if enabled else set(), ct.c_uint32)):
+                 "<Q"),
+                (self.filter_pids, self.filtered_pids, pids if enabled else set(), "<I")):
+            wanted = {w for w in wanted if 0 <= w < 1 << (8 * struct.calcsize(fmt))}
             for gone in current - wanted:
-                try:
-                    del table[ctype(gone)]
-                except KeyError:
-                    pass
+                table.delete(struct.pack(fmt, gone))
             for new in list(wanted - current)[: FILTER_MAX]:
-                table[ctype(new)] = one
+                table.update(struct.pack(fmt, new), b"\x01")
             current.clear()
             current.update(wanted)
-        self.filter_enabled[ct.c_int(0)] = ct.c_uint32(1 if enabled else 0)
+        self.filter_enabled.update(struct.pack("<I", 0), struct.pack("<I", 1 if enabled else 0))
 
     def close(self) -> None:
-        """Detach perf events and unload the program: nothing is left in the kernel."""
-        self.bpf.cleanup()
+        """Close the perf events, programs and maps: the kernel frees everything, nothing is
+        pinned or left behind."""
+        for fd in self._events:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._events.clear()
+        self._loaded.close()
 
 
 def _entry(pid: int, tid: int, cgroup_id: int, user_stack_id: int, kernel_stack_id: int,

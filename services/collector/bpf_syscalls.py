@@ -32,6 +32,7 @@ BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
+BPF_MAP_UPDATE_BATCH = 26
 
 BPF_MAP_TYPE_HASH = 1
 BPF_ANY = 0
@@ -197,6 +198,27 @@ class Map:
             if count == 0:
                 break
         return total
+
+    def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
+        """Write ``count`` entries at once (keys and values packed back to back)."""
+        keys_buf = ctypes.create_string_buffer(keys, len(keys))
+        values_buf = ctypes.create_string_buffer(values, len(values))
+        attr = bytearray(56)
+        struct.pack_into("<QQQQIIQQ", attr, 0, 0, 0, _ptr(keys_buf), _ptr(values_buf), count,
+                         self.fd, 0, 0)
+        bpf(BPF_MAP_UPDATE_BATCH, attr)
+        done = struct.unpack_from("<I", attr, 32)[0]
+        if done != count:
+            raise BpfError(0, f"update batch wrote {done} of {count} entries")
+
+    def per_cpu_values(self, key: bytes, fmt: str = "<Q") -> list[int]:
+        """A per-CPU map's value for every possible CPU."""
+        raw = self.lookup(key)
+        if raw is None:
+            return []
+        item = struct.Struct(fmt)
+        return [item.unpack_from(raw, i * self.slot_size)[0]
+                for i in range(len(raw) // self.slot_size)]
 
     def close(self) -> None:
         if self.fd >= 0:

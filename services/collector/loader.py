@@ -41,11 +41,17 @@ class Loaded:
 
 
 def load(source: str, cflags: list[str], programs: list[str], maps: list[str],
-         program_type: str = "PERF_EVENT", python: str = sys.executable) -> Loaded:
-    """Compile ``source`` in a child and return these programs and maps, by name."""
+         tail_calls: list[tuple[str, int, str]] = (), program_type: str = "PERF_EVENT",
+         python: str = sys.executable) -> Loaded:
+    """Compile ``source`` in a child and return these programs and maps, by name.
+
+    ``tail_calls``: (program array, index, program) entries the child sets before it hands
+    over; keep the program array among ``maps``: the kernel empties a program array when no
+    process holds it open any more."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     request = json.dumps({"source": source, "cflags": cflags, "programs": programs,
-                          "maps": maps, "program_type": program_type, "fd": child.fileno()})
+                          "maps": maps, "tail_calls": [list(t) for t in tail_calls],
+                          "program_type": program_type, "fd": child.fileno()})
     try:
         proc = subprocess.Popen([python, "-m", "services.collector.loader"],
                                 stdin=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -95,10 +101,17 @@ def _child() -> int:
         return 1
     kind = getattr(bcc.BPF, request["program_type"])
     description, fds = [], []
+    try:
+        loaded = {name: bpf.load_func(name.encode(), kind)
+                  for name in {*request["programs"], *(t[2] for t in request["tail_calls"])}}
+        for array, index, name in request["tail_calls"]:
+            bpf[array.encode()][ctypes.c_int(index)] = ctypes.c_int(loaded[name].fd)
+    except Exception as e:  # the verifier's refusal comes as a bare Exception too
+        print(f"the kernel refused the program: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     for name in request["programs"]:
-        fn = bpf.load_func(name.encode(), kind)
         description.append({"kind": "program", "name": name})
-        fds.append(fn.fd)
+        fds.append(loaded[name].fd)
     for name in request["maps"]:
         t = bpf[name.encode()]
         per_cpu = isinstance(t, (bcc_table.PerCpuArray, bcc_table.PerCpuHash,

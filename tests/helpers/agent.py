@@ -108,8 +108,10 @@ class Agent:
                 continue
             if b"-m" in args and self.run_dir.encode() in environ:
                 i = args.index(b"-m")
-                if i + 1 < len(args) and args[i + 1].startswith(b"services."):
-                    pids[args[i + 1].decode()[len("services."):]] = int(entry)
+                name = args[i + 1].decode() if i + 1 < len(args) else ""
+                # services.collector.loader is the collector's short-lived compiling child.
+                if name.startswith("services.") and name.count(".") == 1:
+                    pids[name[len("services."):]] = int(entry)
         return pids
 
     def collector_programs(self) -> set[int]:
