@@ -153,6 +153,10 @@ FLAGS: tuple[Flag, ...] = (
          "Length of one profile: samples are grouped into windows of this duration."),
     Flag("sampling-frequency", "100", parse_frequency,
          "Stack samples per second on each CPU."),
+    Flag("dwarf-unwind", "true", parse_bool,
+         "Walk native stacks without frame pointers in BPF, with unwind tables built from "
+         ".eh_frame (x86_64; frame pointers only when off or when the kernel refuses it).",
+         is_bool=True),
     Flag("host-processes", "false", parse_bool,
          "Also profile every host process as its own target when Kubernetes or systemd "
          "discovery is active (always on when neither is).", is_bool=True),
@@ -197,6 +201,7 @@ class Settings:
     systemd_units: tuple[str, ...]
     profiling_duration: float
     sampling_frequency: int
+    dwarf_unwind: bool
     host_processes: bool
     kubeconfig: str
     store_protocol: str

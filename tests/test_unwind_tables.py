@@ -260,13 +260,11 @@ def _runtime(pid: int, binary, table, vaddr: int) -> int:
     raise AssertionError("the binary is not mapped")
 
 
-def test_the_environment_turns_unwinding_off(monkeypatch):
-    from services.collector.bpf_program import UNWIND_ENV, unwind_requested
+def test_the_dwarf_unwind_flag_and_its_environment_variable():
+    from services.settings import build_parser, resolve
 
-    monkeypatch.delenv(UNWIND_ENV, raising=False)
-    assert unwind_requested()
-    for off in ("0", "false", "OFF", "no"):
-        monkeypatch.setenv(UNWIND_ENV, off)
-        assert not unwind_requested()
-    monkeypatch.setenv(UNWIND_ENV, "true")
-    assert unwind_requested()
+    assert resolve(build_parser().parse_args([]), environ={}).dwarf_unwind is True
+    off = resolve(build_parser().parse_args([]), environ={"PARCA_AGENT_DWARF_UNWIND": "false"})
+    assert off.dwarf_unwind is False
+    assert resolve(build_parser().parse_args(["--dwarf-unwind=false"]), environ={}).dwarf_unwind \
+        is False

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.collector.service import Collector
 
     try:
-        sampler = CpuSampler(settings.sampling_frequency)
+        sampler = CpuSampler(settings.sampling_frequency, unwind=settings.dwarf_unwind)
     except BpfUnavailable as e:
         print(f"parca-agent-collector: {e}", file=sys.stderr)
         return 1

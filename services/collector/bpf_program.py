@@ -29,8 +29,7 @@ STACKS_MAX = 16384  # distinct stacks per drain; more raise the chance of -EEXIS
 FILTER_MAX = 16384  # cgroups and pids to profile
 MAX_DEPTH = 127  # the kernel's PERF_MAX_STACK_DEPTH default, what bpf_get_stackid records
 
-# .eh_frame unwinding (bpf/cpu_sample.c): on unless PARCA_AGENT_DWARF_UNWIND is 0/false/off.
-UNWIND_ENV = "PARCA_AGENT_DWARF_UNWIND"
+# .eh_frame unwinding (bpf/cpu_sample.c), --dwarf-unwind:
 UNWIND_ROWS_MAX = 1 << 20  # rows of every loaded table together: 8 MB of kernel memory
 UNWIND_PROCESSES_MAX = 4096  # processes with tables at once (8 KB each, allocated on use)
 UNWIND_MAPPINGS_MAX = 65536  # mappings of every process with tables together: 2 MB
@@ -75,10 +74,6 @@ UNWIND_STAT_NAMES = (
 )
 
 
-def unwind_requested() -> bool:
-    return os.environ.get(UNWIND_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
 class BpfUnavailable(Exception):
     """BPF cannot run here; the message names the problem and the fix, in one line."""
 
@@ -118,9 +113,9 @@ UNWIND_MAPS = ("unwind_rows", "unwind_mappings", "unwind_processes", "unwound_st
 class CpuSampler:
     """The loaded program: perf events attached, maps open."""
 
-    def __init__(self, frequency: int, unwind: bool | None = None):
+    def __init__(self, frequency: int, unwind: bool = True):
         check_environment()
-        self.unwinding = unwind_requested() if unwind is None else unwind
+        self.unwinding = unwind
         while True:
             try:
                 loaded = self._load(self.unwinding)
