@@ -178,7 +178,7 @@ def window_build() -> dict:
 # --- the collector's drain ----------------------------------------------------------------------
 
 def collector_drain(entries: int = 10_000, repeats: int = 5) -> dict:
-    from services.collector.bpf_program import CpuSampler
+    from services.collector.bpf_program import KEY, VALUE, CpuSampler
 
     sampler = CpuSampler(100)
     try:
@@ -187,8 +187,8 @@ def collector_drain(entries: int = 10_000, repeats: int = 5) -> dict:
         for r in range(repeats):
             for i in range(entries):
                 # pids far above any real one: the program's own samples add a few entries.
-                counts[counts.Key(4_000_000 + i, 4_000_000 + i, 1, i % 16000, -14)] = \
-                    counts.Leaf(1 + r)
+                counts.update(KEY.pack(4_000_000 + i, 4_000_000 + i, 1, i % 16000, -14, 0),
+                              VALUE.pack(1 + r))
             t0 = time.perf_counter()
             got = sampler.drain_counts()
             times.append(time.perf_counter() - t0)
