@@ -120,26 +120,23 @@ class Map:
         struct.pack_into("<IIQQQ", attr, 0, self.fd, 0, _ptr(key), _ptr(value), flags)
         return attr
 
-    def lookup(self, key: bytes) -> bytes | None:
-        self._key.raw = key
+    def _found(self, cmd: int, attr: bytearray) -> bool:
+        """Run an element command; False where the key is absent (ENOENT)."""
         try:
-            bpf(BPF_MAP_LOOKUP_ELEM, self._elem_attr(self._key, self._value))
-        except BpfError as e:
-            if e.errno == 2:  # ENOENT
-                return None
-            raise
-        return self._value.raw
-
-    def lookup_into(self, key: bytes, out) -> bool:
-        """Look up into a caller's buffer (the drain reuses one); False when absent."""
-        self._key.raw = key
-        try:
-            bpf(BPF_MAP_LOOKUP_ELEM, self._elem_attr(self._key, out))
+            bpf(cmd, attr)
         except BpfError as e:
             if e.errno == 2:
                 return False
             raise
         return True
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self._value.raw if self.lookup_into(key, self._value) else None
+
+    def lookup_into(self, key: bytes, out) -> bool:
+        """Look up into a caller's buffer (the drain reuses one); False when absent."""
+        self._key.raw = key
+        return self._found(BPF_MAP_LOOKUP_ELEM, self._elem_attr(self._key, out))
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         self._key.raw = key
@@ -148,13 +145,7 @@ class Map:
 
     def delete(self, key: bytes) -> bool:
         self._key.raw = key
-        try:
-            bpf(BPF_MAP_DELETE_ELEM, self._elem_attr(self._key, None))
-        except BpfError as e:
-            if e.errno == 2:
-                return False
-            raise
-        return True
+        return self._found(BPF_MAP_DELETE_ELEM, self._elem_attr(self._key, None))
 
     def keys(self) -> list[bytes]:
         out = []

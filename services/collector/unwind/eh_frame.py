@@ -150,17 +150,19 @@ class _State:
 
 
 def _uleb(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7f) << shift
-        shift += 7
-        if byte < 0x80:
-            return result, pos
+    result, _bits, pos = _leb(data, pos)
+    return result, pos
 
 
 def _sleb(data: bytes, pos: int) -> tuple[int, int]:
+    result, bits, pos = _leb(data, pos)
+    if result >> (bits - 1):  # the last byte's sign bit
+        result -= 1 << bits
+    return result, pos
+
+
+def _leb(data: bytes, pos: int) -> tuple[int, int, int]:
+    """A LEB128 number's bits as unsigned, how many bits it has, and the position after it."""
     result = shift = 0
     while True:
         byte = data[pos]
@@ -168,9 +170,7 @@ def _sleb(data: bytes, pos: int) -> tuple[int, int]:
         result |= (byte & 0x7f) << shift
         shift += 7
         if byte < 0x80:
-            if byte & 0x40:
-                result -= 1 << shift
-            return result, pos
+            return result, shift, pos
 
 
 _FIXED = {0x02: struct.Struct("<H"), 0x03: struct.Struct("<I"), 0x04: struct.Struct("<Q"),
