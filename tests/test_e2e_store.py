@@ -82,3 +82,50 @@ def test_profiles_and_debuginfo_reach_the_store(require_bpf, tmp_path):
         agent.cleanup()
         store.stop()
         shutil.rmtree(secrets, ignore_errors=True)
+
+
+def test_a_30_second_store_outage_loses_no_window_and_repeats_none(require_bpf, tmp_path):
+    """The store goes away for 30 s while the agent profiles; once it is back every window of
+    the workload arrives, each exactly once (spool + acknowledged channel)."""
+    import gzip
+    import time
+
+    import services.proto_gen  # noqa: F401
+    from pprof import profile_pb2
+
+    store = FakeStore().start()
+    port = store.port
+    agent = Agent(f"--store-address={store.address}", "--insecure", duration="3s")
+    workload = None
+    try:
+        binary = build_chain_workload(tmp_path)
+        workload = subprocess.Popen([str(binary), "0", "100"])
+
+        def windows():
+            got = []
+            for labels, raw in store.raw_profiles():
+                if labels.get("pid") == str(workload.pid):
+                    p = profile_pb2.Profile()
+                    p.ParseFromString(gzip.decompress(raw))
+                    got.append(p.time_nanos)
+            return got
+        assert wait_until(lambda: len(windows()) >= 2, 60), agent.log()
+        store.stop()
+        time.sleep(30)
+        before = len(windows())
+        store = FakeStore(port=port).start()
+        # Every window of the outage (about 10) and those after it, until two more arrive.
+        assert wait_until(lambda: len(windows()) >= before + 12, 90), agent.log()
+        workload.kill()
+        workload.wait()
+        time.sleep(8)  # the last windows drain
+        starts = sorted(windows())
+        assert len(starts) == len(set(starts)), "a window arrived twice"
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert all(g == 3_000_000_000 for g in gaps), f"windows missing: {gaps}"
+    finally:
+        if workload is not None and workload.poll() is None:
+            workload.kill()
+            workload.wait()
+        agent.cleanup()
+        store.stop()
