@@ -153,12 +153,8 @@ class Map:
         current = None
         while True:
             struct.pack_into("<IIQQQ", attr, 0, self.fd, 0, _ptr(current), _ptr(self._next), 0)
-            try:
-                bpf(BPF_MAP_GET_NEXT_KEY, attr)
-            except BpfError as e:
-                if e.errno == 2:
-                    return out
-                raise
+            if not self._found(BPF_MAP_GET_NEXT_KEY, attr):
+                return out  # past the last key
             out.append(self._next.raw)
             current = ctypes.create_string_buffer(self._next.raw, self.key_size)
             if len(out) > self.max_entries:
