@@ -17,6 +17,7 @@ import time
 from bench.common import agent_metrics, log, table
 from bench.profilers import AgentProfiler, PerfProfiler
 from bench.workloads import work_dir
+from services.runtime import HEARTBEAT_INTERVAL
 
 NAME = "load"
 DEFAULT_DURATION = 300.0
@@ -55,7 +56,7 @@ def measure(profiler, binary: str, duration: float, directory: str) -> dict:
     result = {"cpu_per_s": round((cpu1 - cpu0) / duration, 4)}
     if isinstance(profiler, AgentProfiler):
         # Let the last drain reach the aggregator and both heartbeats report it.
-        time.sleep(6)
+        time.sleep(2 * HEARTBEAT_INTERVAL + 2)
         m = agent_metrics(profiler.agent)
         result["counters"] = {k: v for k, v in m.items() if any(
             w in k for w in ("samples", "lost", "dropped", "malformed", "stack_errors",
@@ -67,9 +68,10 @@ def measure(profiler, binary: str, duration: float, directory: str) -> dict:
         result.update(samples_seen_in_kernel=m.get("parca_agent_collector_bpf_samples_seen_total"),
                       samples_drained=drained, samples_received=received,
                       samples_unaccounted=drained - received,
-                      # /metrics shows each service's last heartbeat (every 2 s): the two totals
-                      # may be that far apart in time, i.e. 2 s of samples on every CPU.
-                      tolerance=2 * 2 * (os.cpu_count() or 1) * 100,
+                      # /metrics shows each service's last heartbeat: the two totals may be
+                      # one heartbeat interval apart in time, i.e. that many samples on every
+                      # CPU, twice over for safety.
+                      tolerance=int(2 * HEARTBEAT_INTERVAL * (os.cpu_count() or 1) * 100),
                       losses_reported=reported)
     result["cpu_total_per_s"] = round(profiler.stop() / duration, 4)
     return result

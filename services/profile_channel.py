@@ -14,6 +14,7 @@ dropped and counted (the shipper's disk spool, not this queue, is what rides out
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -110,6 +111,20 @@ class ProfileSender:
         self._resend_overdue()
         self.metrics.set("profiles_unacked", len(self._unacked))
         return acked
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The socket acks arrive on, for the caller's poller."""
+        return self._sock
+
+    def next_resend_due(self) -> float:
+        """When (monotonic) ``poll`` next has a resend to make; inf with nothing unacked. A
+        profile that never left (no shipper yet) is tried again half a second from now."""
+        if not self._unacked:
+            return math.inf
+        due = min(e.sent_at for e in self._unacked.values()) + self.resend_after
+        now = time.monotonic()
+        return due if due > now else now + 0.5
 
     def pending(self) -> int:
         """Profiles sent but not yet acknowledged."""

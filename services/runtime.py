@@ -1,7 +1,9 @@
 """What every service shares: logging, the stop flag, counters, heartbeats and sockets.
 
-Signal handlers only set the stop flag; each service's loop polls with a timeout and checks it,
-so SIGTERM ends a service within one poll interval, after it flushed and closed its sockets.
+Signal handlers only set the stop flag. The flag also wakes what a service sleeps in (a pipe
+its ZeroMQ poller watches, events it waits on), so loops sleep until their next piece of work
+is due — an idle agent wakes rarely — and still end at once on SIGTERM, after they flushed and
+closed their sockets.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import zmq
 from services import wire
 from services.settings import Settings, SettingsError, load
 
-HEARTBEAT_INTERVAL = 2.0  # seconds; the UI calls a service dead after missing a few
+# Seconds between heartbeats; the UI calls a service dead after missing about three. Each one
+# wakes its service and the UI: on an idle agent they are a good part of the CPU it uses.
+HEARTBEAT_INTERVAL = 5.0
 LINGER_MS = 500  # bounded: a stopping service never waits long for a peer that is gone
 # Sockets are created group-readable and -writable only: the run directory's group (the agent's)
 # decides who may connect to the raw stream and the internal endpoints.
@@ -48,24 +52,50 @@ def load_settings_or_exit(service: str, argv: list[str] | None = None) -> Settin
 
 
 class StopFlag:
-    """Set by SIGTERM or SIGINT; loops check it between polls."""
+    """Set by SIGTERM or SIGINT; loops check it between polls.
+
+    ``fileno()`` turns readable when it is set: register it in a zmq.Poller to sleep long and
+    still wake at once. ``wake_also(event)`` sets another event with it, for a thread that
+    sleeps on that event.
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._also: list[threading.Event] = []
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._event.set())
+            signal.signal(sig, lambda *_: self.set())
         return self
 
     def set(self) -> None:
         self._event.set()
+        for event in self._also:
+            event.set()
+        try:
+            os.write(self._write_fd, b"x")
+        except OSError:  # the pipe is full: it is readable already
+            pass
+
+    def wake_also(self, event: threading.Event) -> None:
+        self._also.append(event)
+        if self.is_set():
+            event.set()
+
+    def fileno(self) -> int:
+        return self._read_fd
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
-    def wait(self, seconds: float) -> bool:
+    def wait(self, seconds: float | None) -> bool:
         return self._event.wait(seconds)
+
+
+def poll_ms(deadline: float, cap: float = 5.0) -> int:
+    """Milliseconds from now (monotonic) to ``deadline``, at least 0 and at most ``cap`` s."""
+    return int(max(0.0, min(deadline - time.monotonic(), cap)) * 1000)
 
 
 class Metrics:
@@ -182,6 +212,16 @@ class Heartbeat:
 
     def due(self) -> bool:
         return time.monotonic() >= self._next
+
+    def soon(self) -> None:
+        """Make the next heartbeat due now: news worth not waiting an interval for (the first
+        samples, say) reaches the UI and /metrics at once."""
+        self._next = 0.0
+
+    @property
+    def next_due(self) -> float:
+        """When the next heartbeat is due (monotonic seconds)."""
+        return self._next
 
     def send(self, sock: zmq.Socket) -> None:
         self._next = time.monotonic() + HEARTBEAT_INTERVAL

@@ -34,6 +34,54 @@ def test_hash_map_round_trip_and_batch_drain(require_bpf):
         m.close()
 
 
+def test_take_into_returns_the_value_once_and_batches_drain_in_chunks(require_bpf):
+    m = bs.Map.create_hash(key_size=8, value_size=16, max_entries=1024)
+    try:
+        for i in range(700):
+            m.update(struct.pack("<Q", i), struct.pack("<QQ", i, i + 1))
+        out = ctypes.create_string_buffer(16)
+        assert m.take_into(struct.pack("<Q", 5), out) and out.raw == struct.pack("<QQ", 5, 6)
+        assert not m.take_into(struct.pack("<Q", 5), out)  # gone with the first call
+        # A caller with room for 256 entries at a time gets them all in a few calls (whole
+        # buckets move at once, so a call may return fewer) and then 0.
+        keys = ctypes.create_string_buffer(8 * 256)
+        values = ctypes.create_string_buffer(16 * 256)
+        got, calls = {}, 0
+        while True:
+            n = m.lookup_and_delete_batch(keys, values, 256)
+            calls += 1
+            for j in range(n):
+                got[struct.unpack_from("<Q", keys, 8 * j)[0]] = \
+                    struct.unpack_from("<QQ", values, 16 * j)
+            assert n <= 256
+            if n == 0:
+                break
+        assert 4 <= calls <= 8 and len(got) == 699 and 5 not in got
+        assert all(v == (k, k + 1) for k, v in got.items())
+        assert m.keys() == []
+    finally:
+        m.close()
+
+
+def test_per_cpu_sums_read_a_whole_per_cpu_array_at_once(require_bpf):
+    import os
+
+    cpus = bs.possible_cpus()
+    attr = bytearray(72)
+    struct.pack_into("<IIIII", attr, 0, 6, 4, 8, 5, 0)  # BPF_MAP_TYPE_PERCPU_ARRAY, 5 x u64
+    m = bs.Map(bs.bpf(bs.BPF_MAP_CREATE, attr), 4, 8, 5, per_cpu=True)
+    try:
+        for index in range(5):
+            per_cpu = b"".join(struct.pack("<Q", index * 100 + cpu) for cpu in range(cpus))
+            m.update(struct.pack("<I", index), per_cpu)
+        expected = [sum(i * 100 + c for c in range(cpus)) for i in range(5)]
+        assert m.per_cpu_sums() == expected
+        assert [sum(m.per_cpu_values(struct.pack("<I", i))) for i in range(5)] == expected
+    finally:
+        m.close()
+    assert os.cpu_count()
+
+
 def test_cpu_clock_events_open_on_every_online_cpu(require_bpf):
     import os
 

@@ -4,19 +4,20 @@ target and window out, to the shipper (acknowledged, never dropped) and the UI (
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import zmq
 
 from services import runtime, wire
 from services.aggregator.symbols import Symbolizer
-from services.aggregator.windows import WindowAggregator
+from services.aggregator.windows import GRACE_NS, WindowAggregator
 from services.profile_channel import ProfileSender
 from services.settings import Settings
 
 log = logging.getLogger("parca_agent.aggregator")
 
-POLL_MS = 200
+MAX_SLEEP = 1.0  # seconds: the most the loop sleeps, however far the next piece of work is
 
 
 class Aggregator:
@@ -50,8 +51,13 @@ class Aggregator:
         poller = zmq.Poller()
         poller.register(self.inputs, zmq.POLLIN)
         poller.register(self.targets, zmq.POLLIN)
+        poller.register(self.shipper.socket, zmq.POLLIN)  # acks
+        poller.register(stop.fileno(), zmq.POLLIN)
         while not stop.is_set():
-            ready = dict(poller.poll(POLL_MS))
+            # Sleep until input, an ack, or the next window close, resend or heartbeat.
+            due = min(self._next_close_due(), self.shipper.next_resend_due(),
+                      self.heartbeat.next_due)
+            ready = dict(poller.poll(runtime.poll_ms(due, cap=MAX_SLEEP)))
             if self.targets in ready:
                 self._drain(self.targets)
             if self.inputs in ready:
@@ -70,6 +76,13 @@ class Aggregator:
         while self.shipper.pending() and time.monotonic() < deadline:
             self.shipper.poll()
             time.sleep(0.05)
+
+    def _next_close_due(self) -> float:
+        """When (monotonic) the oldest open window is due to close; inf with none open."""
+        if not self.windows.windows:
+            return math.inf
+        end_ns = min(w.end_ns for w in self.windows.windows.values()) + GRACE_NS
+        return time.monotonic() + (end_ns - self.windows.clock()) / 1e9
 
     def _drain(self, sock: zmq.Socket, limit: int = 1000) -> None:
         for _ in range(limit):

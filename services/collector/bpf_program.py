@@ -36,6 +36,7 @@ UNWIND_MAPPINGS_MAX = 65536  # mappings of every process with tables together: 2
 # Stack ids of unwound user stacks: their unwound_stacks key plus this, apart from the
 # stack_traces ids (0 .. STACKS_MAX) in the same place of CountEntry.
 UNWOUND_STACK_BASE = 1 << 32
+UNWOUND_DRAIN_CHUNK = 256  # unwound stacks per batch call: 256 KB of buffer
 
 KEY = struct.Struct("<IIQiiQ")  # struct sample_key
 VALUE = struct.Struct("<Q")
@@ -153,6 +154,11 @@ class CpuSampler:
             self.unwound_stacks = maps["unwound_stacks"]
             self.unwind_stats = maps["unwind_stats"]
             self._unwound_buf = ct.create_string_buffer(UNWOUND_STACK.size)
+            self._unwound_keys = ct.create_string_buffer(8 * UNWOUND_DRAIN_CHUNK)
+            self._unwound_values = ct.create_string_buffer(UNWOUND_STACK.size
+                                                           * UNWOUND_DRAIN_CHUNK)
+        self._unwound_now: dict[int, list[int]] = {}
+        self._unwound_before: dict[int, list[int]] = {}
         # Reused buffers: allocating 65536 keys every second would dominate the drain.
         self._keys = ct.create_string_buffer(KEY.size * COUNTS_MAX)
         self._values = ct.create_string_buffer(VALUE.size * COUNTS_MAX)
@@ -188,6 +194,8 @@ class CpuSampler:
 
     def _drain_batch(self) -> list[CountEntry]:
         total = self.counts.lookup_and_delete_batch(self._keys, self._values)
+        if self.unwinding:
+            self._drain_unwound_stacks()
         keys = self._keys.raw[: KEY.size * total]
         values = self._values.raw[: VALUE.size * total]
         return [_entry(*k, v[0]) for k, v in zip(KEY.iter_unpack(keys),
@@ -208,9 +216,7 @@ class CpuSampler:
         if stack_id >= UNWOUND_STACK_BASE:
             return self._take_unwound(stack_id - UNWOUND_STACK_BASE)
         key = struct.pack("<i", stack_id)
-        found = self.stacks.lookup_into(key, self._stack_buf)
-        self.stacks.delete(key)
-        if not found:
+        if not self.stacks.take_into(key, self._stack_buf):
             return None
         addresses = STACK.unpack(self._stack_buf.raw)
         n = addresses.index(0) if 0 in addresses else MAX_DEPTH
@@ -219,13 +225,35 @@ class CpuSampler:
     def _take_unwound(self, stack_hash: int) -> list[int] | None:
         if not self.unwinding:
             return None
-        key = struct.pack("<Q", stack_hash)
-        found = self.unwound_stacks.lookup_into(key, self._unwound_buf)
-        self.unwound_stacks.delete(key)
-        if not found:
+        for batch in (self._unwound_now, self._unwound_before):
+            addresses = batch.pop(stack_hash, None)
+            if addresses is not None:
+                return addresses
+        # Not in the last two batch drains (a sample between them): fetch it alone.
+        if not self.unwound_stacks.take_into(struct.pack("<Q", stack_hash), self._unwound_buf):
             return None
         n, *addresses = UNWOUND_STACK.unpack(self._unwound_buf.raw)
-        return list(addresses[: min(n, MAX_DEPTH)])
+        return addresses[: min(n, MAX_DEPTH)]
+
+    def _drain_unwound_stacks(self) -> None:
+        """Move every unwound user stack out of the kernel in a few batch calls instead of two
+        calls per stack. Called after the counts' drain, so every stack a drained count names
+        is here; stacks of samples counted after that wait one drain for their counts. Keys
+        are content hashes, so a stack taken early is still the right one."""
+        self._unwound_before = self._unwound_now  # leftovers live one more drain, then go
+        taken: dict[int, list[int]] = {}
+        chunk = UNWOUND_DRAIN_CHUNK
+        while True:
+            n = self.unwound_stacks.lookup_and_delete_batch(self._unwound_keys,
+                                                            self._unwound_values, chunk)
+            keys, values = self._unwound_keys.raw, self._unwound_values.raw
+            for j in range(n):
+                depth, *addresses = UNWOUND_STACK.unpack_from(values, j * UNWOUND_STACK.size)
+                taken[struct.unpack_from("<Q", keys, j * 8)[0]] = \
+                    addresses[: min(depth, MAX_DEPTH)]
+            if n == 0:
+                break
+        self._unwound_now = taken
 
     def write_unwind_rows(self, first: int, rows: bytes) -> None:
         """Place packed rows (eh_frame.ROW) at index first of unwind_rows."""
@@ -260,13 +288,13 @@ class CpuSampler:
         """Totals since load, summed over CPUs; empty when the unwinder is off."""
         if not self.unwinding:
             return {}
-        return {name: sum(self.unwind_stats.per_cpu_values(struct.pack("<I", i)))
-                for i, name in enumerate(UNWIND_STAT_NAMES) if name}
+        sums = self.unwind_stats.per_cpu_sums()
+        return {name: sums[i] for i, name in enumerate(UNWIND_STAT_NAMES) if name}
 
     def read_problems(self) -> dict[str, int]:
         """Totals since load, summed over CPUs."""
-        return {name: sum(self.problems.per_cpu_values(struct.pack("<I", i)))
-                for i, name in enumerate(PROBLEM_NAMES)}
+        sums = self.problems.per_cpu_sums()
+        return {name: sums[i] for i, name in enumerate(PROBLEM_NAMES)}
 
     def set_filter(self, enabled: bool, cgroup_ids: set[int], pids: set[int]) -> None:
         """Make the in-kernel filter match discovery's targets; only differences are written."""

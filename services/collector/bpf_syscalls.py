@@ -31,6 +31,8 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
+BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 BPF_MAP_UPDATE_BATCH = 26
 
@@ -46,6 +48,10 @@ PERF_EVENT_IOC_SET_BPF = 0x40042408
 _ATTR_FREQ = 1 << 10  # perf_event_attr bit field: sample_freq instead of sample_period
 _ATTR_DISABLED = 1 << 0
 PERF_ATTR_SIZE = 128  # PERF_ATTR_SIZE_VER7; the kernel accepts any size it knows
+
+
+# What a kernel answers for a command it does not have for a map type.
+_UNSUPPORTED = {22, 95, 524}  # EINVAL, EOPNOTSUPP, ENOTSUPP (kernel-internal, leaks out)
 
 
 class BpfError(OSError):
@@ -106,6 +112,7 @@ class Map:
         self._key = ctypes.create_string_buffer(key_size)
         self._next = ctypes.create_string_buffer(key_size)
         self._value = ctypes.create_string_buffer(self.value_size)
+        self._take_ok = True  # lookup-and-delete of one element; stack maps have it since 6.x
 
     @classmethod
     def create_hash(cls, key_size: int, value_size: int, max_entries: int) -> "Map":
@@ -143,6 +150,22 @@ class Map:
         value_buf = ctypes.create_string_buffer(value, len(value))
         bpf(BPF_MAP_UPDATE_ELEM, self._elem_attr(self._key, value_buf, flags))
 
+    def take_into(self, key: bytes, out) -> bool:
+        """Look up and delete one element in one call where the kernel can (hash maps since
+        5.14, stack trace maps later), else in two; False when it was absent."""
+        self._key.raw = key
+        if self._take_ok:
+            try:
+                return self._found(BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                                   self._elem_attr(self._key, out))
+            except BpfError as e:
+                if e.errno not in _UNSUPPORTED:
+                    raise
+                self._take_ok = False
+        found = self._found(BPF_MAP_LOOKUP_ELEM, self._elem_attr(self._key, out))
+        self._found(BPF_MAP_DELETE_ELEM, self._elem_attr(self._key, None))
+        return found
+
     def delete(self, key: bytes) -> bool:
         self._key.raw = key
         return self._found(BPF_MAP_DELETE_ELEM, self._elem_attr(self._key, None))
@@ -160,19 +183,30 @@ class Map:
             if len(out) > self.max_entries:
                 return out  # entries churn under us: never loop forever
 
-    def lookup_and_delete_batch(self, keys_buf, values_buf) -> int:
-        """Move every entry into the caller's buffers (sized max_entries); return how many."""
+    def lookup_and_delete_batch(self, keys_buf, values_buf, capacity: int | None = None) -> int:
+        """Move entries into the caller's buffers, up to ``capacity`` of them (default: the
+        map's size, i.e. all); return how many. The kernel moves whole hash buckets, so a call
+        may stop short of ``capacity`` with entries left: a caller with smaller buffers calls
+        again until it gets 0."""
+        return self._batch(BPF_MAP_LOOKUP_AND_DELETE_BATCH, keys_buf, values_buf,
+                           self.max_entries if capacity is None else capacity)
+
+    def lookup_batch(self, keys_buf, values_buf) -> int:
+        """Copy every entry (an array's: all of them) into buffers sized max_entries."""
+        return self._batch(BPF_MAP_LOOKUP_BATCH, keys_buf, values_buf, self.max_entries)
+
+    def _batch(self, cmd: int, keys_buf, values_buf, capacity: int) -> int:
         out_batch = ctypes.create_string_buffer(8)
         total, first = 0, True
         attr = bytearray(56)
-        while total < self.max_entries:
+        while total < capacity:
             struct.pack_into("<QQQQIIQQ", attr, 0, 0 if first else _ptr(out_batch),
                              _ptr(out_batch), _ptr(keys_buf) + total * self.key_size,
                              _ptr(values_buf) + total * self.value_size,
-                             self.max_entries - total, self.fd, 0, 0)
+                             capacity - total, self.fd, 0, 0)
             first = False
             try:
-                bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH, attr)
+                bpf(cmd, attr)
                 err = 0
             except BpfError as e:
                 err = e.errno
@@ -180,8 +214,10 @@ class Map:
             total += count
             if err == 2:  # ENOENT: the end of the map
                 break
+            if err == 28 and total:  # ENOSPC: the next bucket does not fit what is left
+                break
             if err:
-                raise BpfError(err, f"lookup-and-delete batch: {os.strerror(err)}")
+                raise BpfError(err, f"batch command {cmd}: {os.strerror(err)}")
             if count == 0:
                 break
         return total
@@ -197,6 +233,28 @@ class Map:
         done = struct.unpack_from("<I", attr, 32)[0]
         if done != count:
             raise BpfError(0, f"update batch wrote {done} of {count} entries")
+
+    def per_cpu_sums(self, fmt: str = "<Q") -> list[int]:
+        """A per-CPU array's values, each summed over CPUs, by index: one call for the whole
+        array where the kernel has batch lookups (5.6), one per element otherwise."""
+        keys = ctypes.create_string_buffer(self.key_size * self.max_entries)
+        values = ctypes.create_string_buffer(self.value_size * self.max_entries)
+        item = struct.Struct(fmt)
+        sums = [0] * self.max_entries
+        try:
+            n = self.lookup_batch(keys, values)
+        except BpfError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+            return [sum(self.per_cpu_values(struct.pack("<I", i), fmt))
+                    for i in range(self.max_entries)]
+        raw = values.raw
+        for j in range(n):
+            index = struct.unpack_from("<I", keys, j * self.key_size)[0]
+            base = j * self.value_size
+            sums[index] = sum(item.unpack_from(raw, base + c * self.slot_size)[0]
+                              for c in range(self.value_size // self.slot_size))
+        return sums
 
     def per_cpu_values(self, key: bytes, fmt: str = "<Q") -> list[int]:
         """A per-CPU map's value for every possible CPU."""

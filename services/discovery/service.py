@@ -4,6 +4,7 @@ every few seconds, send heartbeats, stop on SIGTERM."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import zmq
@@ -26,7 +27,9 @@ REPUBLISH_SECONDS = 5.0
 # connection is up: repeat every second at first, so the collector gets its filter quickly.
 STARTUP_REPUBLISH_SECONDS = 1.0
 STARTUP_SECONDS = 10.0
-POLL_SECONDS = 0.2
+# The loop sleeps until its next scan, publish or heartbeat; pod watch events and the stop wake
+# it sooner.
+MAX_SLEEP_SECONDS = 5.0
 # With Kubernetes configured, the first snapshot waits this long for the first pod list: until
 # then we cannot tell a node with pods from a plain host, and guessing "plain host" would
 # profile every process for a moment.
@@ -77,6 +80,8 @@ def run(settings: Settings, stop: runtime.StopFlag, log: logging.Logger,
     if settings.kubernetes:
         pod_watcher = start_pod_watcher(settings.kubeconfig, settings.node,
                                         settings.pod_label_selector, log, metrics)
+    if pod_watcher is not None:
+        stop.wake_also(pod_watcher.changed)
     discovery = Discovery(settings, log, metrics, pod_watcher)
     log.info("discovery publishing on %s (kubernetes: %s, systemd units: %s)", address,
              "configured" if pod_watcher else "off", ",".join(settings.systemd_units) or "none")
@@ -114,7 +119,15 @@ def run(settings: Settings, stop: runtime.StopFlag, log: logging.Logger,
                                       else REPUBLISH_SECONDS)
             if heartbeat.due():
                 heartbeat.send(sock)
-            stop.wait(POLL_SECONDS)
+            due = min(next_scan, heartbeat.next_due,
+                      next_publish if last_body is not None else math.inf)
+            sleep = min(max(0.0, due - time.monotonic()), MAX_SLEEP_SECONDS)
+            if waiting_for_pods:
+                stop.wait(min(sleep, 0.2))  # the first pod list: look for it often
+            elif pod_watcher is not None:
+                pod_watcher.changed.wait(sleep)  # a pod change, or the stop (wake_also)
+            else:
+                stop.wait(sleep)
     finally:
         if pod_watcher is not None:
             pod_watcher.stop()

@@ -37,7 +37,6 @@ BATCH_MAX_PROFILES = 100
 # Stays under gRPC's default 4 MiB receive limit that a store may keep; a larger profile still
 # goes, alone in its batch.
 BATCH_MAX_BYTES = 3 * 1024 * 1024
-POLL_MS = 100  # how long the main loop waits for a message before checking the stop flag
 RECEIVE_BURST = 200  # messages handled before the heartbeat and stop flag are checked again
 STOP_JOIN_SECONDS = 2.0  # the sending thread's time to finish once its calls are cancelled
 
@@ -57,6 +56,8 @@ class Shipper:
         self.debuginfo: DebuginfoUploader | None = None
         self._warn = runtime.RateLimitedLog(log)
         self._sending_stopped = threading.Event()
+        # Set when a profile is spooled: the sending thread sleeps on it while the spool is empty.
+        self._work = threading.Event()
         if settings.store_address:
             self.spool = Spool(os.path.join(settings.cache_dir, "spool"),
                                settings.spool_max_bytes, metrics)
@@ -92,14 +93,16 @@ class Shipper:
             log.info("shipping profiles to %s (%s, %s protocol); spool %s holds %d profiles",
                      self.settings.store_address, scheme, self.settings.store_protocol,
                      self.spool.directory, len(self.spool))
+            stop.wake_also(self._work)
             sender = threading.Thread(target=self._send_loop, args=(stop,), name="send",
                                       daemon=True)
             sender.start()
         poller = zmq.Poller()
         poller.register(inbox.sock, zmq.POLLIN)
+        poller.register(stop.fileno(), zmq.POLLIN)
         try:
             while not stop.is_set():
-                if poller.poll(POLL_MS):
+                if poller.poll(runtime.poll_ms(heartbeat.next_due)):
                     for _ in range(RECEIVE_BURST):
                         received = inbox.receive()
                         if received is None:
@@ -132,6 +135,8 @@ class Shipper:
             return
         if outcome == "duplicate":
             self.metrics.inc("profiles_duplicate_total")
+        else:
+            self._work.set()
         inbox.ack(received.peer, body["id"])
 
     def _shut_down(self, sender: threading.Thread | None) -> None:
@@ -153,6 +158,12 @@ class Shipper:
                 self.metrics.inc("ship_failures_total", code="error")
                 log.exception("unexpected error while shipping; retrying")
                 delay = self.backoff.next_delay()
+                continue
+            if delay == self.interval and not len(self.spool):
+                # All sent: sleep until the next profile is spooled (or the stop), then give
+                # it `interval` to gather company into one batch.
+                self._work.wait()
+                self._work.clear()
 
     def _send_spooled(self, stop: runtime.StopFlag) -> float:
         """Send batches until the spool is empty or a send fails; return the wait before next."""

@@ -30,11 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     feed = Feed(settings.run_dir, targets, health, metrics, stop)
     feed.start()
-    http_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+    # The server wakes every poll_interval to see whether shutdown() was called: once a
+    # second keeps the idle UI cheap and the stop well within supervisord's wait.
+    http_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 1.0},
                                    name="ui-http", daemon=True)
     http_thread.start()
     log.info("listening on %s:%d", *server.server_address[:2])
-    while not stop.wait(1.0):
+    while not stop.wait(60.0):  # a signal wakes it at once
         pass
     log.info("stopping")
     server.shutdown()

@@ -19,7 +19,6 @@ from services.ui.state import ServiceHealth, TargetStore, Window
 
 SOURCES = (wire.ENDPOINT_AGGREGATOR, wire.ENDPOINT_COLLECTOR, wire.ENDPOINT_DISCOVERY,
            wire.ENDPOINT_SHIPPER_PUB)
-POLL_MS = 200
 MAX_BATCH = 200  # messages per poll turn, so the stop flag and heartbeats are never starved
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 1024
@@ -56,12 +55,16 @@ class Feed:
                                  [wire.TOPIC_PROFILE, wire.TOPIC_HEARTBEAT])
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
+        poller.register(self.stop.fileno(), zmq.POLLIN)
         try:
             while not self.stop.is_set():
                 if self.heartbeat.due():
                     self._beat(pub)
-                if not poller.poll(POLL_MS):
+                # Sleep until a message, the stop or the next heartbeat.
+                if not poller.poll(runtime.poll_ms(self.heartbeat.next_due)):
                     continue
+                if self.stop.is_set():
+                    break
                 for _ in range(MAX_BATCH):
                     msg = runtime.receive(sub, self.metrics, self.gaps, self.bad_log)
                     if msg is None:

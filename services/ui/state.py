@@ -14,6 +14,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from services.runtime import HEARTBEAT_INTERVAL
+
 HISTORY_SECONDS = 600.0  # the longest range the profile page offers
 MAX_WINDOWS_PER_TARGET = 240  # 10 minutes of windows as short as 2.5 s
 MAX_TARGETS = 2000
@@ -179,8 +181,8 @@ class ServiceState:
 class ServiceHealth:
     """The last heartbeat of every service; a service is alive while heartbeats keep coming."""
 
-    # Heartbeats come every HEARTBEAT_INTERVAL (2 s): missing three in a row means down.
-    ALIVE_SECONDS = 7.0
+    # Heartbeats come every HEARTBEAT_INTERVAL: missing three in a row means down.
+    ALIVE_SECONDS = 3 * HEARTBEAT_INTERVAL + 1.0
     EXPECTED = ("collector", "discovery", "aggregator", "shipper", "ui")
 
     def __init__(self, clock=time.time):

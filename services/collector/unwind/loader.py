@@ -30,7 +30,10 @@ from services.collector.unwind.tables import (
 
 log = logging.getLogger("parca_agent.collector.unwind")
 
-PRUNE_EVERY = 1.0  # seconds between checks for exited processes
+# Seconds between checks for exited processes: each check reads every loaded process's stat
+# and wakes the collector, while a late one only keeps rows a little longer (a reused pid is
+# reloaded as soon as it is sampled, without waiting for this).
+PRUNE_EVERY = 5.0
 WAITING_MAX = 4096  # pids waiting for tables; beyond, requests are dropped and counted
 
 
