@@ -8,9 +8,10 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
-from bench.common import Agent, agent_pids, cpu_seconds, cpu_seconds_precise, log, \
+from bench.common import Agent, agent_pids, agent_processes, cpu_seconds, cpu_seconds_precise, log, \
     perf_event_fds, wait_sampling, wait_until
 
 FREQUENCY = 100
@@ -70,6 +71,11 @@ class AgentProfiler:
     def cpu(self) -> float:
         return cpu_seconds_precise(agent_pids(self.agent))
 
+    def cpu_by_service(self) -> dict[str, float]:
+        """The same, by process: the five services, supervisord and parca-agent."""
+        return {name: cpu_seconds_precise([pid])
+                for name, pid in agent_processes(self.agent).items()}
+
     def stop(self) -> float:
         total = cpu_seconds(agent_pids(self.agent))
         code, _ = self.agent.terminate(timeout=30)
@@ -118,6 +124,72 @@ class PerfProfiler:
         self.proc = None
 
 
+class PerfWindowsProfiler:
+    """perf producing what the agent produces: a recording every window (10 s), i.e. `perf
+    record` run back to back for one window each. Each run pays perf's start (synthesizing
+    every process's maps) and exit (build ids) that the 60 s run pays once."""
+
+    name = "perf-10s"
+    note = ("perf record -F 100 -a -g -o <file> -- sleep 10, back to back: one recording per "
+            "10 s window, the agent's output cadence; cpu/s and total both count every run")
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._done_cpu = 0.0
+        self._live: subprocess.Popen | None = None
+
+    def start(self, duration: float, work_dir: str) -> None:
+        self.work_dir = work_dir
+        self._stopping.clear()
+        self._done_cpu = 0.0
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        if not wait_until(lambda: self._live is not None, 30, interval=0.05):
+            raise RuntimeError("perf record did not start")
+
+    def _loop(self) -> None:
+        n = 0
+        while not self._stopping.is_set():
+            out = os.path.join(self.work_dir, f"perf-{n % 2}.data")
+            proc = subprocess.Popen(
+                ["perf", "record", "-q", "-F", str(FREQUENCY), "-a", "-g", "-o", out, "--",
+                 "sleep", f"{self.window:g}"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+            with self._lock:
+                self._live = proc
+            cpu = _wait4_cpu(proc, self.window + 120)
+            with self._lock:
+                self._done_cpu += cpu
+                self._live = None
+            n += 1
+
+    def cpu(self) -> float:
+        with self._lock:
+            live = [self._live.pid] if self._live is not None else []
+            return self._done_cpu + cpu_seconds_precise(live)
+
+    def stop(self) -> float:
+        self._stopping.set()
+        with self._lock:
+            if self._live is not None and self._live.poll() is None:
+                # The run in progress ends now, as perf does on Ctrl-C (its exit work included),
+                # so the total covers the same time as the other profilers'.
+                self._live.send_signal(signal.SIGINT)
+        if self._thread is not None:
+            self._thread.join(150)
+        return self._done_cpu
+
+    def cleanup(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            if self._live is not None and self._live.poll() is None:
+                self._live.kill()
+        self._thread = None
+
+
 class BccProfiler:
     name = "bcc"
     note = ("profile-bpfcc -F 100 <duration>, stacks printed to a file at the end; "
@@ -155,7 +227,7 @@ class BccProfiler:
 
 
 def all_profilers() -> list:
-    profilers = [NoProfiler(), AgentProfiler(), PerfProfiler()]
+    profilers = [NoProfiler(), AgentProfiler(), PerfProfiler(), PerfWindowsProfiler()]
     if BccProfiler.available():
         profilers.append(BccProfiler())
     else:
@@ -163,4 +235,5 @@ def all_profilers() -> list:
     return profilers
 
 
-__all__ = ["all_profilers", "AgentProfiler", "PerfProfiler", "BccProfiler", "NoProfiler"]
+__all__ = ["all_profilers", "AgentProfiler", "PerfProfiler", "PerfWindowsProfiler",
+           "BccProfiler", "NoProfiler"]

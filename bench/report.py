@@ -47,23 +47,33 @@ def _lt(value, bound):
 def overhead_section(r: dict) -> tuple[str, list]:
     s = r["summary"]
     rows = [[name, v["trials"], v["cpu_window_per_s"], v["cpu_window_ratio_to_perf"],
-             v["cpu_total_per_s"], v["cpu_total_ratio_to_perf"], v["c_rate"],
+             v.get("cpu_window_ratio_to_perf_10s"), v["cpu_total_per_s"],
+             v["cpu_total_ratio_to_perf"], v["c_rate"],
              v["c_slowdown_pct"], v["python_rate"], v["python_slowdown_pct"]]
             for name, v in s.items()]
     agent = s.get("agent", {})
     ratio = agent.get("cpu_window_ratio_to_perf")
+    ratio_10s = agent.get("cpu_window_ratio_to_perf_10s")
     slow = [x for x in (agent.get("c_slowdown_pct"), agent.get("python_slowdown_pct"))
             if x is not None]
     goals = [
-        ["agent CPU ÷ perf's (steady state) < 1.0", ratio,
+        ["agent CPU ÷ perf's (steady state, perf's 60 s run) < 1.0", ratio,
          verdict(_lt(ratio, GOALS["cpu_ratio"]))],
         ["… aiming for 0.5", ratio, verdict(_lt(ratio, GOALS["cpu_ratio_aim"]))],
         ["agent CPU ÷ perf's (whole run incl. start-up)", agent.get("cpu_total_ratio_to_perf"),
          verdict(_lt(agent.get("cpu_total_ratio_to_perf"), GOALS["cpu_ratio"]))],
+        ["agent CPU (steady) ÷ perf recording every 10 s window, as the agent does, < 1.0",
+         ratio_10s, verdict(_lt(ratio_10s, GOALS["cpu_ratio"]))],
+        ["… aiming for 0.5", ratio_10s, verdict(_lt(ratio_10s, GOALS["cpu_ratio_aim"]))],
         ["workload slowdown under the agent < 1 %", max(slow) if slow else None,
          verdict(_lt(max(slow), GOALS["slowdown_pct"]) if slow else None)],
     ]
     notes = "\n".join(f"- {name}: {note}" for name, note in r.get("notes", {}).items() if note)
+    per_service = agent.get("services_cpu_window_per_s") or {}
+    services = ("\nThe agent's cpu/s by process (medians):\n\n" + md_table(
+        ["process", "cpu/s"], [[n, v] for n, v in sorted(per_service.items(),
+                                                         key=lambda kv: -(kv[1] or 0))]) + "\n"
+                if per_service else "")
     text = f"""## Overhead
 
 {header_of(r)}
@@ -74,16 +84,19 @@ Two C chain processes and one Python process keep both cores busy; each profiler
 (the agent's from 3 s after its collector first drained samples; thread run times from
 schedstat), per wall second; "total" is everything from its start to its exit (the agent: to
 just before it is stopped) over the same duration. perf defers most of its work (build ids) to
-its exit, so its "cpu/s" is near zero and "÷ perf total" is the fairer ratio. BPF
+its exit, so its "cpu/s" is near zero and "÷ perf total" is the fairer ratio of the two. The
+agent hands out a symbolized profile every 10 s; "perf-10s" is perf doing the nearest thing, a
+recording per 10 s window (back-to-back runs, each paying perf's start and exit), and
+"÷ perf-10s" divides by its total. BPF
 programs and perf's sampling run in interrupt context and are charged to the workload: that is
 in the slowdown, not in the CPU columns. Throughputs are iterations per second of the C processes
 (summed) and of the Python process.
 
-{md_table(["profiler", "rounds", "cpu/s", "÷ perf", "cpu/s total", "÷ perf total", "C it/s",
-           "C slowdown %", "Python it/s", "Python slowdown %"], rows)}
+{md_table(["profiler", "rounds", "cpu/s", "÷ perf", "÷ perf-10s", "cpu/s total",
+           "÷ perf total", "C it/s", "C slowdown %", "Python it/s", "Python slowdown %"], rows)}
 
 {notes}
-"""
+{services}"""
     return text, goals
 
 
