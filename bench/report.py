@@ -54,6 +54,9 @@ def overhead_section(r: dict) -> tuple[str, list]:
     agent = s.get("agent", {})
     ratio = agent.get("cpu_window_ratio_to_perf")
     ratio_10s = agent.get("cpu_window_ratio_to_perf_10s")
+    collector = (agent.get("services_cpu_window_per_s") or {}).get("collector")
+    perf_total = s.get("perf", {}).get("cpu_total_per_s")
+    collector_ratio = round(collector / perf_total, 2) if collector and perf_total else None
     slow = [x for x in (agent.get("c_slowdown_pct"), agent.get("python_slowdown_pct"))
             if x is not None]
     goals = [
@@ -62,6 +65,8 @@ def overhead_section(r: dict) -> tuple[str, list]:
         ["… aiming for 0.5", ratio, verdict(_lt(ratio, GOALS["cpu_ratio_aim"]))],
         ["agent CPU ÷ perf's (whole run incl. start-up)", agent.get("cpu_total_ratio_to_perf"),
          verdict(_lt(agent.get("cpu_total_ratio_to_perf"), GOALS["cpu_ratio"]))],
+        ["collector alone (steady) ÷ perf's 60 s run incl. its exit ≤ 1.0", collector_ratio,
+         verdict(None if collector_ratio is None else collector_ratio <= GOALS["cpu_ratio"])],
         ["agent CPU (steady) ÷ perf recording every 10 s window, as the agent does, < 1.0",
          ratio_10s, verdict(_lt(ratio_10s, GOALS["cpu_ratio"]))],
         ["… aiming for 0.5", ratio_10s, verdict(_lt(ratio_10s, GOALS["cpu_ratio_aim"]))],
