@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 
+import pytest
+
 import services.proto_gen  # noqa: F401
 from pprof import profile_pb2
 
+from services.aggregator.profile_builder import Frame, MappingInfo, ProfileBuilder
 from services.aggregator.symbols import Symbolizer
 from services.aggregator.windows import GRACE_NS, WindowAggregator
 
@@ -139,3 +142,142 @@ def test_a_bad_batch_changes_nothing_and_a_far_future_stamp_opens_no_window():
     agg.add_samples(batch(BASE + 10**6 * SECOND, [[7, 7, 1, 0, -1, 1]]))
     assert list(agg.windows) == [BASE]
     assert [p["samples"] for p in agg.close_due(BASE + 20 * SECOND)] == [3]
+
+
+KERNEL = 0xFFFFFFFF81000010
+
+
+@pytest.mark.parametrize("bad", [
+    {"stacks": [[0x1000, 4096.5]]},  # a float address
+    {"stacks": [[0x1000, float(0x2000)]]},  # a float equal to a stack already counted
+    {"stacks": [b"\x00\x10\x00\x00\x00\x00\x00\x00"]},  # bytes: no raw memory
+    {"stacks": ["ab"]},
+    {"stacks": [[0x1000, None]]},
+    {"stacks": [[1 << 64]]},
+    {"stacks": [[-1]]},
+    {"stacks": {"0": [0x1000]}},
+    {"records": [[7, 7, 1, 0, -1, -3]]},  # a negative count
+    {"records": [[7, 7, 1, 0, -1, 1 << 32]]},
+    {"records": [[7, 7, 1, 0, -1]]},  # 5 fields
+    {"records": [[7, 7, 1, 0, -1, 1, 1]]},  # 7 fields
+    {"records": [[7, 7, 1, 0, -2, 1]]},
+    {"records": [[7, 7, 1, 1, -1, 1]]},  # past the last stack
+    {"records": [[-7, 7, 1, 0, -1, 1]]},
+    {"records": [[7, 7, 1 << 64, 0, -1, 1]]},
+    {"records": [[7, 7, 1, 0.0, -1, 1]]},
+    {"records": [[7, 7, 1, 0, -1, 1.0]]},
+    {"records": ["771011"]},  # six characters
+    {"records": [b"\x07\x07\x01\x00\x00\x01"]},  # six bytes
+    {"records": [{1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6}]},
+    {"kernel_symbols": {1 << 64: "x"}},
+    {"kernel_symbols": {1.5: "x"}},
+    {"kernel_symbols": [[KERNEL, "x"]]},
+    {"time_ns": float("inf")},
+    {"time_ns": float("nan")},
+])
+def test_a_bad_batch_raises_type_or_value_error_and_counts_nothing(bad):
+    agg = make()
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 2]], kernel={KERNEL: "before"}))
+    body = batch(BASE, [[7, 7, 1, 0, -1, 9], [8, 8, 1, 0, -1, 9]],
+                 kernel={KERNEL: "after", KERNEL + 16: "new"})
+    body.update(bad)
+    # Not OverflowError: the service drops a message for TypeError or ValueError only.
+    with pytest.raises((TypeError, ValueError)):
+        agg.add_samples(body)
+    assert dict(agg.kernel_names) == {KERNEL: "before"}
+    assert list(agg.windows) == [BASE]
+    assert [p["samples"] for p in agg.close_due(BASE + 20 * SECOND)] == [2]
+
+
+def test_out_of_range_process_and_target_numbers_raise_value_error():
+    agg = make()
+    bad_process = dict(process(7), mappings=[{"start": float("inf"), "limit": 1, "offset": 0,
+                                             "path": "/bin/x"}])
+    with pytest.raises(ValueError):
+        agg.add_process(bad_process)
+    with pytest.raises(ValueError):
+        agg.apply_targets({"filtering": True, "targets": [
+            {"labels": {"a": "b"}, "cgroup_ids": [float("inf")], "pids": []}]})
+    assert agg.processes == {} and not agg.filtering and agg.by_cgroup == {}
+
+
+def test_equal_stacks_from_different_batches_make_one_sample():
+    agg = make()
+    first = [[0x1000, 0x2000], [KERNEL]]
+    second = [[KERNEL], [0x3000], [0x1000, 0x2000]]  # the same stacks, other indexes
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, 1, 2], [7, 7, 1, 0, -1, 1]], first,
+                          {KERNEL: "k"}))
+    agg.add_samples(batch(BASE + SECOND, [[7, 7, 1, 2, 0, 3], [7, 7, 1, 2, -1, 1],
+                                          [7, 8, 1, 2, -1, 1]], second))
+    p = decode(agg.close_due(BASE + 20 * SECOND)[0])
+    addresses = {loc.id: loc.address for loc in p.location}
+    thread = list(p.string_table).index("thread")
+    got = sorted((tuple(addresses[i] for i in s.location_id),
+                  [lab.num for lab in s.label if lab.key == thread], s.value[0])
+                 for s in p.sample)
+    assert got == [((0x1000, 0x2000), [7], 2), ((0x1000, 0x2000), [8], 1),
+                   ((KERNEL, 0x1000, 0x2000), [7], 5)]
+
+
+def test_a_repeated_address_in_a_stack_is_one_location():
+    agg = make()
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, 1, 1]], [[0x1000, 0x2000, 0x2000, 0x2000],
+                                                      [KERNEL, KERNEL]], {KERNEL: "recurse"}))
+    p = decode(agg.close_due(BASE + 20 * SECOND)[0])
+    ids = list(p.sample[0].location_id)
+    assert len(ids) == 6 and len(p.location) == 3
+    assert ids[0] == ids[1] and ids[3] == ids[4] == ids[5]
+
+
+class NamingSymbolizer(Symbolizer):
+    """Names every address it is asked about fn_<hex>, and remembers what it was asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def frames(self, mapping, candidates, addresses):
+        self.asked.append((mapping.path, candidates, list(addresses)))
+        return [Frame(f"fn_{a:x}") for a in addresses]
+
+
+def test_profiles_are_those_of_adding_each_sample_in_turn():
+    """The window interns stacks and works out each address once; the profile must be the
+    one ProfileBuilder.add_sample makes from the samples one by one, byte for byte."""
+    symbolizer = NamingSymbolizer()
+    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
+    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": "/bin/work", "build_id": "ab",
+           "cache_path": "/cache/work"}
+    vdso = {"start": 0x5000, "limit": 0x6000, "offset": 0, "path": "[vdso]"}
+    for pid in (7, 8):
+        agg.add_process(dict(process(pid), mappings=[exe, vdso]))
+    stacks = [[0x1100, 0x1200, 0x5100, 0x9000], [0x1200, 0x1300], [KERNEL, KERNEL + 32],
+              [0x1300, 0x1300, 0x1400]]
+    records = [[7, 70, 1, 0, 2, 3], [7, 71, 1, 1, -1, 1], [8, 80, 1, 1, 2, 2],
+               [7, 70, 1, 3, -1, 1], [9, 90, 1, 1, -1, 4], [7, 70, 1, 0, 2, 1]]
+    agg.add_samples(batch(BASE, records, stacks, {KERNEL: "k_entry"}))
+    profiles = {p["labels"]["pid"]: p for p in agg.close_due(BASE + 20 * SECOND)}
+
+    # 0x1200 and 0x1300 are innermost somewhere and callers elsewhere: looked up as callers.
+    assert sorted(symbolizer.asked[0][2]) == [0x1100, 0x11FF, 0x12FF, 0x13FF]
+    assert symbolizer.asked[0][:2] == ("/bin/work", ["/cache/work", "/bin/work"])
+    exe_info = MappingInfo(0x1000, 0x5000, 0, "/bin/work", "ab")
+    vdso_info = MappingInfo(0x5000, 0x6000, 0, "[vdso]", "")
+
+    def user(pid, stack):
+        if pid == 9:  # no process message: no mapping
+            return [(None, a, None) for a in stack]
+        lookup = {0x1100: 0x1100, 0x1200: 0x11FF, 0x1300: 0x12FF, 0x1400: 0x13FF}
+        if pid == 8:  # each target on its own: 0x1200 is only innermost there
+            lookup[0x1200] = 0x1200
+        return [(exe_info, a, Frame(f"fn_{lookup[a]:x}")) if a < 0x5000 else
+                (vdso_info, a, None) if a < 0x6000 else (None, a, None) for a in stack]
+
+    kernel = [(KERNEL, "k_entry"), (KERNEL + 32, "[unknown]")]
+    for pid, samples in {"7": [([70], 0, kernel, 4), ([71], 1, [], 1), ([70], 3, [], 1)],
+                         "8": [([80], 1, kernel, 2)], "9": [([90], 1, [], 4)]}.items():
+        expected = ProfileBuilder(10_000_000, BASE, 10 * SECOND)
+        for (tid,), u, k, count in samples:
+            expected.add_sample(user(int(pid), stacks[u]), k, count, {"thread": tid})
+        assert profiles[pid]["pprof"] == expected.build(), pid
+        assert profiles[pid]["samples"] == expected.sample_count

@@ -167,3 +167,28 @@ def test_go_pprof_traces_and_top_show_stacks_in_order(profile_file):
 def test_empty_profile_is_valid(tmp_path):
     p = parse(ProfileBuilder(PERIOD, TIME, 1).build())
     assert len(p.sample) == 0 and len(p.mapping) == 0 and p.string_table[0] == ""
+
+
+def test_a_recursive_kernel_stack_has_one_location_per_address():
+    builder = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    builder.add_sample([LEAF, LEAF], [SYSCALL, SYSCALL, ENTRY], 1, {})
+    p = parse(builder.build())
+    assert len(p.location) == 3
+    ids = list(p.sample[0].location_id)
+    assert ids[0] == ids[1] and ids[3] == ids[4] and len(set(ids)) == 3
+
+
+def test_samples_by_location_ids_build_what_add_sample_builds():
+    reference = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    by_ids = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    samples = [([LEAF, MAIN, LIBC_UNKNOWN], [SYSCALL, ENTRY], 3, {"thread": 43}),
+               ([UNMAPPED, MAIN_AGAIN, MAIN], [], 2, {"pid": 7, "thread": 44}),
+               ([LEAF, MAIN, LIBC_UNKNOWN], [SYSCALL, ENTRY], 4, {"thread": 43})]
+    for user, kernel, count, labels in samples:
+        reference.add_sample(user, kernel, count, labels)
+        kernel_ids = [by_ids.kernel_location(a, name) for a, name in kernel]
+        user_ids = by_ids.user_locations([a for _, a, _ in user], [(m, f) for m, _, f in user])
+        by_ids.add_location_ids(tuple(kernel_ids + user_ids), count,
+                                tuple(sorted(labels.items())))
+    assert by_ids.sample_count == reference.sample_count == 9
+    assert by_ids.build() == reference.build()

@@ -262,3 +262,32 @@ def test_symbol_limit_keeps_some_names_and_counts(c_binary):
                                                           [mapping.start + 8])
     assert list(frames) == [mapping.start + 8]
     assert metrics.get("symbolize_errors_total", reason="too_many_symbols") == 1
+
+
+def test_frames_are_cached_per_file_and_the_cache_stays_bounded(c_binary, monkeypatch):
+    from services.aggregator.symbols import SymbolTable
+
+    lookups = []
+    real_lookup = SymbolTable.lookup
+    monkeypatch.setattr(SymbolTable, "lookup", lambda self, v: lookups.append(v) or
+                        real_lookup(self, v))
+    symbols = fx.function_addresses(c_binary)
+    mapping = mapping_for(c_binary)
+    addresses = [PIE_BASE + symbols["alpha"] + 5, PIE_BASE + symbols["beta"],
+                 PIE_BASE + symbols["alpha"] + 5, mapping.limit + 0x100000]
+    cached = Symbolizer()
+    for _ in range(3):
+        got = cached.frames(mapping, [str(c_binary)], addresses)
+        assert [f and f.function for f in got] == ["alpha", "beta", "alpha", None]
+    assert len(lookups) == 2  # each address inside a segment once, then from the cache
+    # The same file mapped elsewhere in another process: the same file offsets, cached.
+    moved = MappingInfo(mapping.start + 0x10000000, mapping.limit + 0x10000000, mapping.offset,
+                        mapping.path, mapping.build_id)
+    assert [f and f.function for f in cached.frames(moved, [str(c_binary)], [
+        a + 0x10000000 for a in addresses])] == ["alpha", "beta", "alpha", None]
+    assert len(lookups) == 2
+    tiny = Symbolizer(max_frames=2)
+    for _ in range(3):
+        assert names_of(tiny, mapping, [str(c_binary)], addresses) == \
+            ["alpha", "beta", "alpha", None]
+        assert tiny._cached_frames <= 3

@@ -9,6 +9,7 @@ re-symbolize from the mapping's build id.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import services.proto_gen  # noqa: F401  (puts the generated packages on sys.path)
@@ -56,6 +57,7 @@ class ProfileBuilder:
         # Every MappingInfo object seen stays referenced here, so that its id() stays unique
         # while _fast_location_ids uses it.
         self._mapping_objects: dict[int, MappingInfo | None] = {}
+        self._index_by_id: dict[int, int] = {}  # id(mapping) -> mapping index
         self._kernel_index = 0
         self._kernel_low = self._kernel_high = 0
         self._named_mappings: set[int] = set()
@@ -88,12 +90,67 @@ class ProfileBuilder:
         fast = self._fast_location_ids.get
         user_ids = [fast((id(m), a)) for m, a, _ in user]
         if None in kernel_ids:
-            kernel_ids = [lid or self._add_kernel_location(a, name)
+            # kernel_location, not _add_kernel_location: a recursion repeats an address
+            kernel_ids = [lid or self.kernel_location(a, name)
                           for lid, (a, name) in zip(kernel_ids, kernel)]
         if None in user_ids:
             user_ids = [lid or self._resolve(*frame) for lid, frame in zip(user_ids, user)]
         ids = kernel_ids + user_ids
         key = (tuple(ids), tuple(sorted(labels.items())) if labels else ())
+        samples = self._samples
+        samples[key] = samples.get(key, 0) + count
+        self._sample_total += count
+
+    def mapping_index(self, mapping: MappingInfo | None) -> int:
+        """The mapping id for ``location`` (0: no mapping); equal mappings share one."""
+        if mapping is None:
+            return 0
+        index = self._mapping_index.get(mapping)
+        if index is None:
+            index = self._mapping_index[mapping] = len(self._mappings)
+            self._mappings.append(mapping)
+        return index
+
+    def user_locations(self, addresses: list[int],
+                       frames: Iterable[tuple[MappingInfo | None, Frame | None]]) -> list[int]:
+        """The location ids of user frames, each made on first use: runtime addresses, and for
+        each its (mapping or None, frame or None)."""
+        index_of = self._index_by_id
+        location_ids = self._location_ids
+        locations = self._locations
+        function = self._function
+        out = []
+        for address, (mapping, frame) in zip(addresses, frames):
+            index = index_of.get(id(mapping))
+            if index is None:
+                self._mapping_objects[id(mapping)] = mapping  # keeps its id() unique
+                index = index_of[id(mapping)] = self.mapping_index(mapping)
+            lid = location_ids.get((index, address))
+            if lid is None:
+                function_id = line = 0
+                if frame is not None and frame.function is not None:
+                    function_id = function(frame.function, frame.file)
+                    line = frame.line
+                    if index:
+                        self._named_mappings.add(index)
+                        if frame.file:
+                            self._files_mappings.add(index)
+                        if line:
+                            self._lines_mappings.add(index)
+                locations.append((index, address, function_id, line))
+                lid = location_ids[(index, address)] = len(locations)
+            out.append(lid)
+        return out
+
+    def kernel_location(self, address: int, name: str) -> int:
+        """The location id of one kernel frame (made on first use)."""
+        lid = self._kernel_location_ids.get(address)
+        return self._add_kernel_location(address, name) if lid is None else lid
+
+    def add_location_ids(self, ids: tuple[int, ...], count: int, label_key: LabelKey) -> None:
+        """A sample by location ids (from user_location and kernel_location, innermost
+        first, kernel frames before user frames); label_key: the labels' items, sorted."""
+        key = (ids, label_key)
         samples = self._samples
         samples[key] = samples.get(key, 0) + count
         self._sample_total += count
@@ -120,11 +177,11 @@ class ProfileBuilder:
             add_sample(location_id=ids, value=(count, count * period), label=labels)
 
         self._add_mappings(profile)
-        Line = profile_pb2.Line
         add_location = profile.location.add
         for lid, (index, address, function_id, line) in enumerate(self._locations, 1):
-            lines = (Line(function_id=function_id, line=line),) if function_id else ()
-            add_location(id=lid, mapping_id=index, address=address, line=lines)
+            location = add_location(id=lid, mapping_id=index, address=address)
+            if function_id:  # adding to the new message beats building a Line to copy
+                location.line.add(function_id=function_id, line=line)
         add_function = profile.function.add
         for fid, (name, filename) in enumerate(self._functions, 1):
             add_function(id=fid, name=name, system_name=name, filename=filename)
@@ -140,16 +197,7 @@ class ProfileBuilder:
 
     def _resolve(self, mapping: MappingInfo | None, address: int, frame: Frame | None) -> int:
         """The location id of a user frame that missed the identity-keyed fast path."""
-        self._mapping_objects[id(mapping)] = mapping
-        index = 0
-        if mapping is not None:
-            index = self._mapping_index.get(mapping)
-            if index is None:
-                index = self._mapping_index[mapping] = len(self._mappings)
-                self._mappings.append(mapping)
-        lid = self._location_ids.get((index, address))
-        if lid is None:
-            lid = self._add_user_location(index, address, frame)
+        lid = self.user_locations([address], [(mapping, frame)])[0]
         self._fast_location_ids[(id(mapping), address)] = lid
         return lid
 
@@ -164,21 +212,6 @@ class ProfileBuilder:
     def _new_location(self, row: tuple[int, int, int, int]) -> int:
         self._locations.append(row)
         return len(self._locations)
-
-    def _add_user_location(self, index: int, address: int, frame: Frame | None) -> int:
-        function_id = line = 0
-        if frame is not None and frame.function is not None:
-            function_id = self._function(frame.function, frame.file)
-            line = frame.line
-            if index:
-                self._named_mappings.add(index)
-                if frame.file:
-                    self._files_mappings.add(index)
-                if line:
-                    self._lines_mappings.add(index)
-        lid = self._location_ids[(index, address)] = self._new_location(
-            (index, address, function_id, line))
-        return lid
 
     def _add_kernel_location(self, address: int, name: str) -> int:
         if not self._kernel_index:

@@ -21,7 +21,8 @@ import zlib
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import repeat
 
 from elftools.elf.elffile import ELFFile
 
@@ -40,6 +41,9 @@ MAX_CRC_BYTES = 2 << 30  # debug files larger than this are taken without a CRC 
 # Nested symbols (a cold part inside its function) hide the outer one from bisect; look back a
 # few entries for a symbol that still covers the address.
 LOOKBACK = 4
+_MISSING = object()
+# Addresses whose frames stay cached, over all tables (about 100 bytes each).
+MAX_CACHED_FRAMES = 262_144
 
 
 class SymbolizeError(Exception):
@@ -58,6 +62,10 @@ class SymbolTable:
     starts: array  # sorted symbol addresses
     ends: array  # start + size, or 0 when the symbol has no size
     names: list[str]  # mangled, as in the file
+    # What symbolize found before: file offset -> frame, and one Frame per name. A file's
+    # hot addresses come back in every window; the Symbolizer bounds these caches.
+    frames: dict[int, Frame | None] = field(default_factory=dict)
+    named: dict[str, Frame] = field(default_factory=dict)
 
     def vaddr(self, file_offset: int) -> int | None:
         for offset, size, vaddr in self.segments:
@@ -82,15 +90,18 @@ class Symbolizer:
 
     def __init__(self, metrics: Metrics | None = None, max_files: int = 256,
                  debug_dirs: tuple[str, ...] = ("/usr/lib/debug",),
-                 max_symbols: int = 2_000_000):
+                 max_symbols: int = 2_000_000, max_frames: int = MAX_CACHED_FRAMES):
         """max_symbols bounds the function symbols held by all cached tables together (about
-        100 bytes each), and so by one file."""
+        100 bytes each), and so by one file; max_frames the addresses whose frames are kept
+        (about 100 bytes each, all dropped when full)."""
         self.metrics = metrics
         self.max_files = max_files
         self.debug_dirs = debug_dirs
         self.max_symbols = max_symbols
+        self.max_frames = max_frames
         self._tables: OrderedDict[object, SymbolTable] = OrderedDict()
         self._cached_symbols = 0
+        self._cached_frames = 0
         # (path, dev, inode, size, mtime) -> table key, or the error that file gave: a bad file
         # is parsed once per version, not once per call.
         self._files: OrderedDict[tuple, object] = OrderedDict()
@@ -101,20 +112,42 @@ class Symbolizer:
         """addresses are runtime addresses inside mapping. candidates: file paths to try in order
         (e.g. the agent's binary-cache copy, then the host path). A candidate is used only if its
         ELF build id equals mapping.build_id (when that is non-empty)."""
-        frames: dict[int, Frame | None] = dict.fromkeys(addresses)
+        return dict(zip(addresses, self.frames(mapping, candidates, addresses)))
+
+    def frames(self, mapping: MappingInfo, candidates: list[str],
+               addresses: list[int]) -> list[Frame | None]:
+        """What symbolize finds, as a list in the order of addresses."""
         table = self._table_for(mapping, candidates)
         if table is None:
-            return frames
-        names: dict[int, str] = {}
-        for address in frames:
-            vaddr = table.vaddr(address - mapping.start + mapping.offset)
-            name = table.lookup(vaddr) if vaddr is not None else None
-            if name:
-                names[address] = name
-        readable = demangle_all(set(names.values()))
-        for address, name in names.items():
-            frames[address] = Frame(readable[name])
-        return frames
+            return [None] * len(addresses)
+        # runtime address + shift = file offset, the cache's key (the same in every process)
+        offsets = list(map((mapping.offset - mapping.start).__add__, addresses))
+        cache = table.frames
+        found = list(map(cache.get, offsets, repeat(_MISSING)))
+        if _MISSING not in found:
+            return found
+        if self._cached_frames + len(offsets) > self.max_frames:
+            self._drop_frames()
+        names: dict[int, str | None] = {}
+        for offset in offsets:
+            if offset not in cache and offset not in names:
+                vaddr = table.vaddr(offset)
+                names[offset] = table.lookup(vaddr) if vaddr is not None else None
+        named = table.named
+        new = {n for n in names.values() if n and n not in named}
+        if new:
+            for name, readable in demangle_all(new).items():
+                named[name] = Frame(readable)
+        for offset, name in names.items():
+            cache[offset] = named[name] if name else None
+        self._cached_frames += len(names)
+        return list(map(cache.__getitem__, offsets))
+
+    def _drop_frames(self) -> None:
+        for table in self._tables.values():
+            table.frames.clear()
+            table.named.clear()
+        self._cached_frames = 0
 
     def _table_for(self, mapping: MappingInfo, candidates: list[str]) -> SymbolTable | None:
         want = mapping.build_id.lower()
@@ -177,6 +210,7 @@ class Symbolizer:
                                          or self._cached_symbols > self.max_symbols):
             _, evicted = self._tables.popitem(last=False)
             self._cached_symbols -= len(evicted.names)
+            self._cached_frames -= len(evicted.frames)
             if self.metrics is not None:
                 self.metrics.inc("symbolize_cache_evictions_total")
 

@@ -4,6 +4,11 @@ Windows are aligned to wall-clock multiples of the profiling duration and a batc
 belongs to the window containing the batch's drain time, so a batch is never split or counted
 twice; a window closes once its end plus a grace period has passed, giving batches in flight
 time to arrive. This class does no I/O: the service feeds it decoded messages and a clock.
+
+Ingest is the hot path, so a batch is checked column by column in C (array() for types and
+ranges) rather than number by number, and each distinct stack of a window is kept once, as a
+small id: a sample's key is five small ints. Building a window's profiles works out each
+distinct stack and address once per target, and the symbolizer remembers frames across windows.
 """
 
 from __future__ import annotations
@@ -12,8 +17,12 @@ import bisect
 import logging
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from array import array
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import is_
 
 from services.aggregator.profile_builder import Frame, MappingInfo, ProfileBuilder
 from services.aggregator.symbols import Symbolizer
@@ -49,9 +58,11 @@ class ProcessMeta:
 class Target:
     key: tuple
     labels: dict[str, str] | None  # None: one process's target, labeled when its window closes
+    index: int  # in its window's by_index
     per_process: bool = False
-    # (pid, tid, user stack, kernel stack) -> samples
-    stacks: dict[tuple, int] = field(default_factory=lambda: defaultdict(int))
+    # Filled in when the window closes: ((index, pid, tid, user stack id, kernel stack id),
+    # samples) in the order the stacks first came, and their sum.
+    stacks: list[tuple[tuple[int, int, int, int, int], int]] = field(default_factory=list)
     samples: int = 0
 
 
@@ -60,6 +71,19 @@ class Window:
     start_ns: int
     end_ns: int
     targets: dict[tuple, Target] = field(default_factory=dict)
+    by_index: list[Target] = field(default_factory=list)
+    # Each distinct stack of the window once, as an id (0: no stack): a sample's key is then a
+    # tuple of five small ints instead of nested tuples of addresses hashed again and again.
+    # Dicts keep insertion order and ids count up, so list(stack_ids)[id] is the stack.
+    stack_ids: dict[tuple[int, ...], int] = field(default_factory=lambda: {(): 0})
+    # (target index, pid, tid, user stack id, kernel stack id) -> samples
+    counts: Counter = field(default_factory=Counter)
+    _stack_list: list[tuple[int, ...]] | None = None
+
+    def stack_list(self) -> list[tuple[int, ...]]:
+        if self._stack_list is None or len(self._stack_list) != len(self.stack_ids):
+            self._stack_list = list(self.stack_ids)
+        return self._stack_list
 
 
 class WindowAggregator:
@@ -85,6 +109,10 @@ class WindowAggregator:
     # --- inputs -------------------------------------------------------------------------------
 
     def apply_targets(self, body: dict) -> None:
+        with _overflow_is_value_error():
+            self._apply_targets(body)
+
+    def _apply_targets(self, body: dict) -> None:
         by_cgroup, by_pid = {}, {}
         for target in body["targets"]:
             labels = {str(k): str(v) for k, v in dict(target["labels"]).items()}
@@ -97,6 +125,10 @@ class WindowAggregator:
         self.filtering = bool(body["filtering"])
 
     def add_process(self, body: dict) -> None:
+        with _overflow_is_value_error():
+            self._add_process(body)
+
+    def _add_process(self, body: dict) -> None:
         mappings, cache_paths = [], []
         for m in sorted(body["mappings"], key=lambda m: int(m["start"])):
             mappings.append(MappingInfo(int(m["start"]), int(m["limit"]), int(m["offset"]),
@@ -111,50 +143,90 @@ class WindowAggregator:
             self._forget_processes()
 
     def add_samples(self, body: dict) -> None:
-        time_ns = int(body["time_ns"])
-        now_ns = self.clock()
-        if abs(time_ns - now_ns) > 2 * self.duration_ns:
-            # A batch stamped far from our clock (a skewed or hostile sender) goes in the window
-            # of now, so it can neither open windows that never close nor vanish.
-            self._count("batches_out_of_time_total")
-            time_ns = now_ns
-        window_start = time_ns - time_ns % self.duration_ns
-        if window_start < self.closed_until_ns:
-            # Its window was already built: put it in the oldest open one rather than lose it.
-            self._count("late_batches_total")
-            window_start = self.closed_until_ns
-        # Check the whole batch before any of it counts: a bad message changes nothing.
-        kernel_names = {_address(a): str(n) for a, n in body["kernel_symbols"].items()}
-        stacks = [_stack(s) for s in body["stacks"]]
-        records = [_record(r, len(stacks)) for r in body["records"]]
-        self.kernel_names.update(kernel_names)
-        while len(self.kernel_names) > MAX_KERNEL_NAMES:
-            self.kernel_names.popitem(last=False)
-        window = self.windows.get(window_start)
+        """Count one batch. A bad batch raises TypeError or ValueError (never OverflowError)
+        and changes nothing: the whole batch is checked before any of it counts."""
+        with _overflow_is_value_error():
+            time_ns = int(body["time_ns"])
+            now_ns = self.clock()
+            if abs(time_ns - now_ns) > 2 * self.duration_ns:
+                # A batch stamped far from our clock (a skewed or hostile sender) goes in the
+                # window of now, so it can neither open windows that never close nor vanish.
+                self._count("batches_out_of_time_total")
+                time_ns = now_ns
+            window_start = time_ns - time_ns % self.duration_ns
+            if window_start < self.closed_until_ns:
+                # Its window was already built: put it in the oldest open one, not lose it.
+                self._count("late_batches_total")
+                window_start = self.closed_until_ns
+            window = self.windows.get(window_start)
+            # Check the whole batch before any of it counts: a bad message changes nothing.
+            addresses, names = _kernel_symbols(body["kernel_symbols"])
+            stacks = body["stacks"]
+            ids = _stacks(stacks, window.stack_ids if window is not None else _NO_STACKS)
+            columns = _records(body["records"], len(stacks))
+        kernel_names = self.kernel_names
+        kernel_names.update(zip(addresses, names))
+        while len(kernel_names) > MAX_KERNEL_NAMES:
+            kernel_names.popitem(last=False)
         if window is None:
             window = self.windows[window_start] = Window(window_start,
                                                          window_start + self.duration_ns)
-        targets = window.targets
-        total = unmatched = 0
-        for pid, tid, cgroup_id, u, k, count in records:
-            found = self.by_cgroup.get(cgroup_id) or self.by_pid.get(pid)
-            if found is None:
-                if self.filtering:
-                    unmatched += count
-                    continue
-                key, labels = ("process", pid), None
-            else:
-                key, labels = found
-            target = targets.get(key)
-            if target is None:
-                target = targets[key] = Target(key, labels)
-            target.stacks[(pid, tid, stacks[u] if u >= 0 else (), stacks[k] if k >= 0 else ())] \
-                += count
-            target.samples += count
-            total += count
-        self._count("samples_received_total", total)
-        if unmatched:
+        if None in ids:
+            known = window.stack_ids
+            for i, stack in enumerate(stacks):
+                if ids[i] is None:
+                    ids[i] = known.setdefault(tuple(stack), len(known))
+        ids.append(0)  # a record's stack index -1 (no stack) reads this last entry
+        if columns is None:
+            self._count("samples_received_total", 0)
+            return
+        pids, tids, cgroup_ids, users, kernels, counts = columns
+        # Each record's target, resolved once per distinct pid, or (cgroup, pid) when a
+        # cgroup of the batch has a target, in the order they first come (the order the
+        # profiles come out).
+        by_cgroup = self.by_cgroup
+        if by_cgroup and any(map(by_cgroup.__contains__, set(cgroup_ids))):
+            pairs = list(zip(cgroup_ids, pids))
+            index_of = {pair: self._target_index(window, *pair)
+                        for pair in dict.fromkeys(pairs)}
+            targets = list(map(index_of.__getitem__, pairs))
+            del pairs
+        else:
+            index_of = {pid: self._target_index(window, None, pid)
+                        for pid in dict.fromkeys(pids)}
+            targets = list(map(index_of.__getitem__, pids))
+        keys = zip(targets, pids, tids, map(ids.__getitem__, users),
+                   map(ids.__getitem__, kernels))
+        total = sum(counts)
+        if None in index_of.values():  # filtering: records of no target are dropped
+            kept = [t is not None for t in targets]
+            counts = list(compress(counts, kept))
+            keys = compress(keys, kept)
+            unmatched = total - sum(counts)
+            total -= unmatched
             self._count("samples_unmatched_total", unmatched)
+        if total == len(counts):  # every count is 1: let Counter count the keys in C
+            window.counts.update(keys)
+        else:
+            window_counts = window.counts
+            get = window_counts.get
+            for key, count in zip(keys, counts):
+                window_counts[key] = get(key, 0) + count
+        self._count("samples_received_total", total)
+
+    def _target_index(self, window: Window, cgroup_id: int | None, pid: int) -> int | None:
+        found = self.by_cgroup.get(cgroup_id) or self.by_pid.get(pid)
+        if found is None:
+            if self.filtering:
+                return None
+            key, labels = ("process", pid), None
+        else:
+            key, labels = found
+        target = window.targets.get(key)
+        if target is None:
+            target = window.targets[key] = Target(key, labels, len(window.by_index))
+            window.by_index.append(target)
+        return target.index
 
     # --- outputs ------------------------------------------------------------------------------
 
@@ -168,13 +240,20 @@ class WindowAggregator:
                 break
             del self.windows[start]
             self.closed_until_ns = max(self.closed_until_ns, window.end_ns)
+            by_index = window.by_index
+            for key, count in window.counts.items():
+                by_index[key[0]].stacks.append((key, count))
+            window.counts = Counter()
             for target in window.targets.values():
+                target.samples = sum(count for _, count in target.stacks)
                 try:
                     profile = self._finish(window, target)
                 except Exception:  # noqa: BLE001 — one bad target must not cost the others
                     self._count("profile_build_failures_total")
                     log.exception("could not build the profile of %s", target.key)
                     continue
+                finally:
+                    target.stacks = []
                 if profile is not None:
                     profiles.append(profile)
             self._count("windows_closed_total")
@@ -194,20 +273,38 @@ class WindowAggregator:
         started = time.perf_counter()
         period_ns = int(1e9 / self.frequency)
         builder = ProfileBuilder(period_ns, window.start_ns, window.end_ns - window.start_ns)
-        frames = self._symbolize(target)
+        stacks = window.stack_list()
+        frames = self._symbolize(target, stacks)
+        kernel_names = self.kernel_names
+        kernel_location, user_locations = builder.kernel_location, builder.user_locations
+        add = builder.add_location_ids
         per_process = target.per_process
-        for (pid, tid, ustack, kstack), count in target.stacks.items():
-            meta = self.processes.get(pid)
-            user = []
-            for address in ustack:
-                i = meta.mapping_of(address) if meta else -1
-                if i < 0:
-                    user.append((None, address, None))
-                else:
-                    user.append((meta.mappings[i], address, frames.get((pid, address))))
-            kernel = [(a, self.kernel_names.get(a, "[unknown]")) for a in kstack]
-            sample_labels = {"thread": tid} if per_process else {"pid": pid, "thread": tid}
-            builder.add_sample(user, kernel, count, sample_labels)
+        # Location ids of each stack, worked out once per window and target (a user stack
+        # once per process: the same addresses mean other code in another process), in the
+        # order the samples came, so that ids are as when each sample resolved its own.
+        kernel_ids: dict[int, tuple[int, ...]] = {0: ()}
+        user_ids: dict[tuple[int, int], tuple[int, ...]] = {}
+        address_ids: dict[int, dict[int, int]] = {}  # pid -> address -> location id
+        for (_index, pid, tid, uid, kid), count in target.stacks:
+            kernel = kernel_ids.get(kid)
+            if kernel is None:
+                kernel = kernel_ids[kid] = tuple([
+                    kernel_location(a, kernel_names.get(a, "[unknown]")) for a in stacks[kid]])
+            user = user_ids.get((pid, uid))
+            if user is None:
+                ids = address_ids.get(pid)
+                if ids is None:
+                    ids = address_ids[pid] = {}
+                stack = stacks[uid]
+                user = tuple(map(ids.get, stack))
+                if None in user:
+                    new = list(dict.fromkeys(compress(stack, map(is_, user, _NONES))))
+                    resolved = frames.get(pid, _NO_FRAMES)
+                    ids.update(zip(new, user_locations(new, map(resolved.get, new, _UNMAPPEDS))))
+                    user = tuple(map(ids.__getitem__, stack))
+                user_ids[(pid, uid)] = user
+            add(kernel + user, count,
+                (("thread", tid),) if per_process else (("pid", pid), ("thread", tid)))
         profile = {"id": uuid.uuid4().hex, "labels": target.labels, "start_ns": window.start_ns,
                    "end_ns": window.end_ns, "pprof": builder.build(), "samples": target.samples}
         self._count("profiles_built_total")
@@ -219,33 +316,53 @@ class WindowAggregator:
         return {"node": self.node, "pid": str(pid), "comm": meta.comm if meta else "",
                 "executable": meta.executable if meta else ""}
 
-    def _symbolize(self, target: Target) -> dict[tuple[int, int], Frame | None]:
-        """Names for every user address of the target, asked once per mapped file."""
-        wanted: dict[tuple, tuple[MappingInfo, list[str], list[tuple[int, int]]]] = {}
-        for (pid, _tid, ustack, _k) in target.stacks:
-            meta = self.processes.get(pid)
-            if meta is None or not ustack:
+    def _symbolize(self, target: Target, stacks: list[tuple[int, ...]]
+                   ) -> dict[int, dict[int, tuple[MappingInfo, Frame | None]]]:
+        """pid -> address -> (mapping, frame) for the user addresses of the target inside a
+        mapping, each distinct address worked out once, names asked once per mapped file."""
+        leaves: dict[int, set[int]] = {}
+        callers: dict[int, set[int]] = {}
+        for pid, uid in dict.fromkeys([(key[1], key[3]) for key, _ in target.stacks]):
+            if not uid:
                 continue
-            meta.last_used = time.monotonic()
-            for depth, address in enumerate(ustack):
-                i = meta.mapping_of(address)
-                if i < 0:
+            stack = stacks[uid]
+            if pid not in leaves:
+                leaves[pid], callers[pid] = set(), set()
+            leaves[pid].add(stack[0])
+            callers[pid].update(stack[1:])
+        frames = {}
+        now = time.monotonic()
+        for pid, leaf in leaves.items():
+            meta = self.processes.get(pid)
+            if meta is None:
+                continue
+            meta.last_used = now
+            caller = callers[pid]
+            addresses = sorted(leaf | caller)
+            # A caller's return address points after its call: look up the call itself. An
+            # address seen both innermost and as a caller is looked up as a caller.
+            only_leaves = sorted(leaf - caller)
+            out = frames[pid] = {}
+            starts = meta.starts
+            for i, mapping in enumerate(meta.mappings):
+                # The addresses mapping_of gives this mapping: from its start up to its limit
+                # or the next mapping's start, whichever comes first.
+                end = mapping.limit if i + 1 == len(starts) else min(mapping.limit, starts[i + 1])
+                lo = bisect.bisect_left(addresses, mapping.start)
+                hi = bisect.bisect_left(addresses, end, lo)
+                if lo >= hi:
                     continue
-                mapping = meta.mappings[i]
+                inside = addresses[lo:hi]
                 if not mapping.path.startswith("/"):
+                    out.update(zip(inside, repeat((mapping, None))))
                     continue
-                # A caller's return address points after its call: look up the call itself.
-                lookup = address if depth == 0 else address - 1
-                entry = wanted.get((pid, i))
-                if entry is None:
-                    candidates = [p for p in (meta.cache_paths[i], mapping.path) if p]
-                    entry = wanted[(pid, i)] = (mapping, candidates, [])
-                entry[2].append((address, lookup))
-        frames: dict[tuple[int, int], Frame | None] = {}
-        for (pid, _i), (mapping, candidates, pairs) in wanted.items():
-            found = self.symbolizer.symbolize(mapping, candidates, [lk for _, lk in pairs])
-            for address, lookup in pairs:
-                frames[(pid, address)] = found.get(lookup)
+                lookups = list(map(_MINUS_ONE, inside))
+                first = bisect.bisect_left(only_leaves, mapping.start)
+                for a in only_leaves[first:bisect.bisect_left(only_leaves, end, first)]:
+                    lookups[bisect.bisect_left(inside, a)] = a
+                candidates = [p for p in (meta.cache_paths[i], mapping.path) if p]
+                found = self.symbolizer.frames(mapping, candidates, lookups)
+                out.update(zip(inside, zip(repeat(mapping), found)))
         return frames
 
     def _forget_processes(self) -> None:
@@ -261,25 +378,69 @@ class WindowAggregator:
             self.metrics.inc(name, amount)
 
 
-_U64 = 1 << 64
+_U32 = 1 << 32
+_SEQUENCES = frozenset((list, tuple))
+_NO_STACKS: dict[tuple[int, ...], int] = {(): 0}
+_NO_FRAMES: dict[int, tuple[MappingInfo, Frame | None]] = {}
+_MINUS_ONE = (1).__rsub__  # a -> a - 1, in C
+# Endless, for map() (which stops with its shortest input): None, and the (mapping, frame) of
+# an address in no mapping.
+_NONES = repeat(None)
+_UNMAPPEDS = repeat((None, None))
 
 
-def _address(value) -> int:
-    address = int(value)
-    if not 0 <= address < _U64:
-        raise ValueError("address out of range")
-    return address
+@contextmanager
+def _overflow_is_value_error():
+    """array() raises OverflowError for a number outside its type, and int() for an infinite
+    float: both are bad input, which the service catches as ValueError."""
+    try:
+        yield
+    except OverflowError as e:
+        raise ValueError(f"number out of range: {e}") from None
 
 
-def _stack(addresses) -> tuple[int, ...]:
-    stack = tuple(int(a) for a in addresses)
-    if stack and (min(stack) < 0 or max(stack) >= _U64):
-        raise ValueError("address out of range")
-    return stack
+def _kernel_symbols(symbols) -> tuple[list[int], list[str]]:
+    if not isinstance(symbols, dict):
+        raise TypeError("kernel_symbols must be a map")
+    addresses, names = list(symbols.keys()), list(symbols.values())
+    array("Q", addresses)  # TypeError for a non-int, OverflowError outside [0, 2^64)
+    if not {str}.issuperset(map(type, names)):
+        names = list(map(str, names))
+    return addresses, names
 
 
-def _record(record, n_stacks: int) -> tuple[int, int, int, int, int, int]:
-    pid, tid, cgroup_id, u, k, count = (int(x) for x in record)
-    if not (-1 <= u < n_stacks and -1 <= k < n_stacks and 0 < count < 1 << 32):
+def _stacks(stacks, known: dict[tuple[int, ...], int]) -> list[int | None]:
+    """The id of each stack already in the window, None for a new one."""
+    if type(stacks) not in _SEQUENCES or not _SEQUENCES.issuperset(map(type, stacks)):
+        raise TypeError("stacks must be lists of addresses")  # bytes or a str would iterate
+    # The tuples live only for the lookup: fewer objects alive, less garbage collector work.
+    ids = list(map(known.get, map(tuple, stacks)))
+    if None in ids:
+        for stack, i in zip(stacks, ids):
+            if i is None:
+                array("Q", stack)  # TypeError for a non-int, OverflowError outside [0, 2^64)
+    # A stack equal to a known one needs no range check, but 4096.0 == 4096: a sum of ints
+    # is an int, one float makes it a float (and a string or None raises TypeError).
+    if type(sum(map(sum, stacks))) is not int:
+        raise TypeError("an address is not an integer")
+    return ids
+
+
+def _records(records, n_stacks: int) -> tuple[tuple[int, ...], ...] | None:
+    """The columns (pids, tids, cgroup ids, user stack, kernel stack, counts), or None."""
+    if type(records) not in _SEQUENCES or not _SEQUENCES.issuperset(map(type, records)):
+        raise TypeError("records must be lists")
+    if not records:
+        return None
+    if set(map(len, records)) != {6}:
+        raise ValueError("a record is not 6 numbers")
+    columns = pids, tids, cgroup_ids, users, kernels, counts = tuple(zip(*records))
+    # array() raises TypeError for a non-int and OverflowError outside the type's range.
+    for column in (pids, tids, cgroup_ids, counts):
+        array("Q", column)
+    array("q", users)
+    array("q", kernels)
+    if not (-1 <= min(users) and max(users) < n_stacks and -1 <= min(kernels)
+            and max(kernels) < n_stacks and 0 < min(counts) and max(counts) < _U32):
         raise ValueError("record out of range")
-    return pid, tid, cgroup_id, u, k, count
+    return columns
