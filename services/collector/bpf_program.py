@@ -42,6 +42,7 @@ KEY = struct.Struct("<IIQiiQ")  # struct sample_key
 VALUE = struct.Struct("<Q")
 STACK = struct.Struct(f"<{MAX_DEPTH}Q")
 UNWOUND_STACK = struct.Struct(f"<Q{MAX_DEPTH}Q")  # struct unwound_stack: len, addresses
+_ADDRESSES = [struct.Struct(f"<{n}Q") for n in range(MAX_DEPTH + 1)]  # n addresses, by n
 UNWIND_MAPPING = struct.Struct("<QQQII")  # struct unwind_mapping
 UNWIND_PROCESS = struct.Struct("<II")  # struct unwind_process
 UNWIND_ROW_SIZE = 8
@@ -246,11 +247,13 @@ class CpuSampler:
         while True:
             n = self.unwound_stacks.lookup_and_delete_batch(self._unwound_keys,
                                                             self._unwound_values, chunk)
-            keys, values = self._unwound_keys.raw, self._unwound_values.raw
-            for j in range(n):
-                depth, *addresses = UNWOUND_STACK.unpack_from(values, j * UNWOUND_STACK.size)
-                taken[struct.unpack_from("<Q", keys, j * 8)[0]] = \
-                    addresses[: min(depth, MAX_DEPTH)]
+            keys = self._unwound_keys.raw[: 8 * n]
+            values = self._unwound_values.raw[: UNWOUND_STACK.size * n]
+            for j, (key,) in enumerate(struct.iter_unpack("<Q", keys)):
+                base = j * UNWOUND_STACK.size
+                depth = min(struct.unpack_from("<Q", values, base)[0], MAX_DEPTH)
+                # Only the frames the walk filled: most stacks are far shorter than 127.
+                taken[key] = list(_ADDRESSES[depth].unpack_from(values, base + 8))
             if n == 0:
                 break
         self._unwound_now = taken
