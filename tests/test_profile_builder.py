@@ -187,7 +187,8 @@ def test_samples_by_location_ids_build_what_add_sample_builds():
     for user, kernel, count, labels in samples:
         reference.add_sample(user, kernel, count, labels)
         kernel_ids = [by_ids.kernel_location(a, name) for a, name in kernel]
-        user_ids = by_ids.user_locations([a for _, a, _ in user], [(m, f) for m, _, f in user])
+        mappings, addresses, frames = zip(*user)
+        user_ids = by_ids.user_locations(addresses, mappings, frames)
         by_ids.add_location_ids(tuple(kernel_ids + user_ids), count,
                                 tuple(sorted(labels.items())))
     assert by_ids.sample_count == reference.sample_count == 9

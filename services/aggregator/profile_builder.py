@@ -9,6 +9,7 @@ re-symbolize from the mapping's build id.
 from __future__ import annotations
 
 import gzip
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,17 +58,23 @@ class ProfileBuilder:
         # Every MappingInfo object seen stays referenced here, so that its id() stays unique
         # while _fast_location_ids uses it.
         self._mapping_objects: dict[int, MappingInfo | None] = {}
-        self._index_by_id: dict[int, int] = {}  # id(mapping) -> mapping index
+        # id(mapping) -> (mapping index, that mapping's address -> location id)
+        self._index_by_id: dict[int, tuple[int, dict[int, int]]] = {}
         self._kernel_index = 0
         self._kernel_low = self._kernel_high = 0
         self._named_mappings: set[int] = set()
         self._files_mappings: set[int] = set()
         self._lines_mappings: set[int] = set()
-        # Location rows are (mapping index, address, function id or 0, line); ids count from 1.
-        self._location_ids: dict[tuple[int, int], int] = {}  # (mapping index, address)
+        # Locations are columns (mapping index, address, function id or 0, line) rather than
+        # rows: a window's build makes hundreds of thousands, and a tuple each would be as many
+        # objects to allocate, free and have the garbage collector walk. Ids count from 1.
+        self._location_ids: dict[int, dict[int, int]] = {}  # mapping index -> address -> id
         self._fast_location_ids: dict[tuple[int, int], int] = {}  # (id(mapping), address)
         self._kernel_location_ids: dict[int, int] = {}  # address
-        self._locations: list[tuple[int, int, int, int]] = []
+        self._location_mapping: list[int] = []
+        self._location_address: list[int] = []
+        self._location_function: list[int] = []
+        self._location_line: list[int] = []
         self._function_ids: dict[tuple[str, str], int] = {}
         self._functions: list[tuple[int, int]] = []  # (name index, file index)
         self._samples: dict[tuple[tuple[int, ...], LabelKey], int] = {}
@@ -111,21 +118,25 @@ class ProfileBuilder:
             self._mappings.append(mapping)
         return index
 
-    def user_locations(self, addresses: list[int],
-                       frames: Iterable[tuple[MappingInfo | None, Frame | None]]) -> list[int]:
+    def user_locations(self, addresses: Iterable[int], mappings: Iterable[MappingInfo | None],
+                       frames: Iterable[Frame | None]) -> list[int]:
         """The location ids of user frames, each made on first use: runtime addresses, and for
-        each its (mapping or None, frame or None)."""
+        each its mapping (or None) and frame (or None)."""
         index_of = self._index_by_id
-        location_ids = self._location_ids
-        locations = self._locations
         function = self._function
+        add_mapping = self._location_mapping.append
+        add_address = self._location_address.append
+        add_function = self._location_function.append
+        add_line = self._location_line.append
         out = []
-        for address, (mapping, frame) in zip(addresses, frames):
-            index = index_of.get(id(mapping))
-            if index is None:
+        for address, mapping, frame in zip(addresses, mappings, frames):
+            known = index_of.get(id(mapping))
+            if known is None:
                 self._mapping_objects[id(mapping)] = mapping  # keeps its id() unique
-                index = index_of[id(mapping)] = self.mapping_index(mapping)
-            lid = location_ids.get((index, address))
+                index = self.mapping_index(mapping)
+                known = index_of[id(mapping)] = (index, self._location_ids.setdefault(index, {}))
+            index, ids = known
+            lid = ids.get(address)
             if lid is None:
                 function_id = line = 0
                 if frame is not None and frame.function is not None:
@@ -137,8 +148,11 @@ class ProfileBuilder:
                             self._files_mappings.add(index)
                         if line:
                             self._lines_mappings.add(index)
-                locations.append((index, address, function_id, line))
-                lid = location_ids[(index, address)] = len(locations)
+                add_mapping(index)
+                add_address(address)
+                add_function(function_id)
+                add_line(line)
+                lid = ids[address] = len(self._location_address)
             out.append(lid)
         return out
 
@@ -178,7 +192,9 @@ class ProfileBuilder:
 
         self._add_mappings(profile)
         add_location = profile.location.add
-        for lid, (index, address, function_id, line) in enumerate(self._locations, 1):
+        for lid, index, address, function_id, line in zip(
+                itertools.count(1), self._location_mapping, self._location_address,
+                self._location_function, self._location_line):
             location = add_location(id=lid, mapping_id=index, address=address)
             if function_id:  # adding to the new message beats building a Line to copy
                 location.line.add(function_id=function_id, line=line)
@@ -197,7 +213,7 @@ class ProfileBuilder:
 
     def _resolve(self, mapping: MappingInfo | None, address: int, frame: Frame | None) -> int:
         """The location id of a user frame that missed the identity-keyed fast path."""
-        lid = self.user_locations([address], [(mapping, frame)])[0]
+        lid = self.user_locations((address,), (mapping,), (frame,))[0]
         self._fast_location_ids[(id(mapping), address)] = lid
         return lid
 
@@ -208,10 +224,6 @@ class ProfileBuilder:
             self._functions.append((self._string(name), self._string(filename)))
             fid = self._function_ids[key] = len(self._functions)
         return fid
-
-    def _new_location(self, row: tuple[int, int, int, int]) -> int:
-        self._locations.append(row)
-        return len(self._locations)
 
     def _add_kernel_location(self, address: int, name: str) -> int:
         if not self._kernel_index:
@@ -224,8 +236,11 @@ class ProfileBuilder:
         function_id = self._function(name, "") if name else 0
         if function_id:
             self._named_mappings.add(self._kernel_index)
-        lid = self._kernel_location_ids[address] = self._new_location(
-            (self._kernel_index, address, function_id, 0))
+        self._location_mapping.append(self._kernel_index)
+        self._location_address.append(address)
+        self._location_function.append(function_id)
+        self._location_line.append(0)
+        lid = self._kernel_location_ids[address] = len(self._location_address)
         return lid
 
     def _add_mappings(self, profile: profile_pb2.Profile) -> None:

@@ -23,6 +23,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import is_
 
 from elftools.elf.elffile import ELFFile
 
@@ -124,7 +125,7 @@ class Symbolizer:
         offsets = list(map((mapping.offset - mapping.start).__add__, addresses))
         cache = table.frames
         found = list(map(cache.get, offsets, repeat(_MISSING)))
-        if _MISSING not in found:
+        if not any(map(is_, found, repeat(_MISSING))):  # `in` would call Frame.__eq__
             return found
         if self._cached_frames + len(offsets) > self.max_frames:
             self._drop_frames()

@@ -21,7 +21,7 @@ from array import array
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import is_
 
 from services.aggregator.profile_builder import Frame, MappingInfo, ProfileBuilder
@@ -274,7 +274,7 @@ class WindowAggregator:
         period_ns = int(1e9 / self.frequency)
         builder = ProfileBuilder(period_ns, window.start_ns, window.end_ns - window.start_ns)
         stacks = window.stack_list()
-        frames = self._symbolize(target, stacks)
+        resolved = self._symbolize(target, stacks)
         kernel_names = self.kernel_names
         kernel_location, user_locations = builder.kernel_location, builder.user_locations
         add = builder.add_location_ids
@@ -299,8 +299,9 @@ class WindowAggregator:
                 user = tuple(map(ids.get, stack))
                 if None in user:
                     new = list(dict.fromkeys(compress(stack, map(is_, user, _NONES))))
-                    resolved = frames.get(pid, _NO_FRAMES)
-                    ids.update(zip(new, user_locations(new, map(resolved.get, new, _UNMAPPEDS))))
+                    mappings, names = resolved.get(pid, _UNRESOLVED)
+                    ids.update(zip(new, user_locations(new, map(mappings.get, new),
+                                                       map(names.get, new))))
                     user = tuple(map(ids.__getitem__, stack))
                 user_ids[(pid, uid)] = user
             add(kernel + user, count,
@@ -317,9 +318,11 @@ class WindowAggregator:
                 "executable": meta.executable if meta else ""}
 
     def _symbolize(self, target: Target, stacks: list[tuple[int, ...]]
-                   ) -> dict[int, dict[int, tuple[MappingInfo, Frame | None]]]:
-        """pid -> address -> (mapping, frame) for the user addresses of the target inside a
-        mapping, each distinct address worked out once, names asked once per mapped file."""
+                   ) -> dict[int, tuple[dict[int, MappingInfo], dict[int, Frame | None]]]:
+        """pid -> (address -> mapping, address -> frame) for the user addresses of the target
+        inside a mapping, each distinct address worked out once, names asked once per mapped
+        file. (Two dicts rather than one of pairs: no object per address for the garbage
+        collector to walk.)"""
         leaves: dict[int, set[int]] = {}
         callers: dict[int, set[int]] = {}
         for pid, uid in dict.fromkeys([(key[1], key[3]) for key, _ in target.stacks]):
@@ -330,7 +333,7 @@ class WindowAggregator:
                 leaves[pid], callers[pid] = set(), set()
             leaves[pid].add(stack[0])
             callers[pid].update(stack[1:])
-        frames = {}
+        resolved = {}
         now = time.monotonic()
         for pid, leaf in leaves.items():
             meta = self.processes.get(pid)
@@ -342,7 +345,7 @@ class WindowAggregator:
             # A caller's return address points after its call: look up the call itself. An
             # address seen both innermost and as a caller is looked up as a caller.
             only_leaves = sorted(leaf - caller)
-            out = frames[pid] = {}
+            mappings, frames = resolved[pid] = {}, {}
             starts = meta.starts
             for i, mapping in enumerate(meta.mappings):
                 # The addresses mapping_of gives this mapping: from its start up to its limit
@@ -353,17 +356,16 @@ class WindowAggregator:
                 if lo >= hi:
                     continue
                 inside = addresses[lo:hi]
+                mappings.update(zip(inside, repeat(mapping)))
                 if not mapping.path.startswith("/"):
-                    out.update(zip(inside, repeat((mapping, None))))
                     continue
                 lookups = list(map(_MINUS_ONE, inside))
                 first = bisect.bisect_left(only_leaves, mapping.start)
                 for a in only_leaves[first:bisect.bisect_left(only_leaves, end, first)]:
                     lookups[bisect.bisect_left(inside, a)] = a
                 candidates = [p for p in (meta.cache_paths[i], mapping.path) if p]
-                found = self.symbolizer.frames(mapping, candidates, lookups)
-                out.update(zip(inside, zip(repeat(mapping), found)))
-        return frames
+                frames.update(zip(inside, self.symbolizer.frames(mapping, candidates, lookups)))
+        return resolved
 
     def _forget_processes(self) -> None:
         cutoff = time.monotonic() - PROCESS_TTL
@@ -381,12 +383,9 @@ class WindowAggregator:
 _U32 = 1 << 32
 _SEQUENCES = frozenset((list, tuple))
 _NO_STACKS: dict[tuple[int, ...], int] = {(): 0}
-_NO_FRAMES: dict[int, tuple[MappingInfo, Frame | None]] = {}
+_UNRESOLVED: tuple[dict, dict] = ({}, {})  # the process is unknown: no mapping, no frame
 _MINUS_ONE = (1).__rsub__  # a -> a - 1, in C
-# Endless, for map() (which stops with its shortest input): None, and the (mapping, frame) of
-# an address in no mapping.
-_NONES = repeat(None)
-_UNMAPPEDS = repeat((None, None))
+_NONES = repeat(None)  # endless, for map(), which stops with its shortest input
 
 
 @contextmanager
@@ -426,7 +425,7 @@ def _stacks(stacks, known: dict[tuple[int, ...], int]) -> list[int | None]:
     return ids
 
 
-def _records(records, n_stacks: int) -> tuple[tuple[int, ...], ...] | None:
+def _records(records, n_stacks: int) -> list[list[int]] | None:
     """The columns (pids, tids, cgroup ids, user stack, kernel stack, counts), or None."""
     if type(records) not in _SEQUENCES or not _SEQUENCES.issuperset(map(type, records)):
         raise TypeError("records must be lists")
@@ -434,7 +433,9 @@ def _records(records, n_stacks: int) -> tuple[tuple[int, ...], ...] | None:
         return None
     if set(map(len, records)) != {6}:
         raise ValueError("a record is not 6 numbers")
-    columns = pids, tids, cgroup_ids, users, kernels, counts = tuple(zip(*records))
+    # One flat list sliced six ways: faster than zip(*records), and no iterator per record.
+    flat = list(chain.from_iterable(records))
+    columns = pids, tids, cgroup_ids, users, kernels, counts = [flat[i::6] for i in range(6)]
     # array() raises TypeError for a non-int and OverflowError outside the type's range.
     for column in (pids, tids, cgroup_ids, counts):
         array("Q", column)
