@@ -108,8 +108,8 @@ in the slowdown, not in the CPU columns. Throughputs are iterations per second o
 def pipeline_section(r: dict) -> tuple[str, list]:
     a, b, d = r["aggregator"], r["window_build"], r["collector_drain"]
     rows = [
-        ["aggregator records/s while busy", a.get("records_per_s")],
-        ["aggregator records per CPU-second", a.get("records_per_cpu_s")],
+        ["aggregator records per CPU-second (one core)", a.get("records_per_cpu_s")],
+        ["aggregator records/s while busy (wall; lower bound)", a.get("records_per_s")],
         ["records sent (bursts × batches × records)",
          f"{a.get('records')} ({a.get('bursts')} × 100 × {a.get('records_per_batch')})"],
         ["profiles built during the run", a.get("profiles_built")],
@@ -122,9 +122,10 @@ def pipeline_section(r: dict) -> tuple[str, list]:
          d.get("drain_s_per_10k", d.get("error"))],
     ]
     goals = [
-        ["aggregator 200,000 records/s", a.get("records_per_s"),
-         verdict(None if a.get("records_per_s") is None
-                 else a["records_per_s"] >= GOALS["aggregator_records_per_s"])],
+        ["aggregator 200,000 records/s on one core (per CPU-second)",
+         a.get("records_per_cpu_s"),
+         verdict(None if a.get("records_per_cpu_s") is None
+                 else a["records_per_cpu_s"] >= GOALS["aggregator_records_per_s"])],
         ["window build < 1 s", b.get("total_s"), verdict(_lt(b.get("total_s"),
                                                            GOALS["window_build_s"]))],
         ["aggregator RSS < 150 MB (pipeline run)", a.get("peak_rss_mb"),
@@ -137,8 +138,11 @@ def pipeline_section(r: dict) -> tuple[str, list]:
 The aggregator (`python -m services.aggregator`, with the shipper) reads synthetic `samples`
 batches of 1,000 records (20-frame user stacks inside the Python binary, so symbolization is
 real; 50 processes; 10 s windows, built as they close) from a socket bound where the
-collector's is, in bursts of 100 batches; "while busy" divides the records by the time the
-aggregator's CPU counters kept growing after each burst, "per CPU-second" by the CPU it used.
+collector's is, in bursts of 100 batches. The aggregator works in one thread, so the records
+it takes per CPU-second it uses (window builds included) are what one core gives: that is the
+goal's figure. "While busy" divides by wall time instead, from each burst to the last growth of
+its CPU counters; the bench waits for a heartbeat (every 5 s) to confirm every record arrived,
+and work in that wait (window closes) stretches it, so it is the lower bound.
 The window build is bench/bench_profile_builder.py; the drain is the real CpuSampler's
 drain_counts() on 10,000 entries written into its count map from user space.
 
