@@ -8,6 +8,7 @@ closed their sockets.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -92,6 +93,16 @@ class StopFlag:
 
     def wait(self, seconds: float | None) -> bool:
         return self._event.wait(seconds)
+
+
+def settle_gc() -> None:
+    """After start-up: move what was built so far (modules, tables) out of the collector's way
+    and collect the young generation less often. A service allocates many short-lived
+    containers per batch (ints, tuples, lists) and few cycles; with the defaults, collection
+    took 7-10 % of the aggregator's CPU."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 20, 20)
 
 
 def poll_ms(deadline: float, cap: float = 5.0) -> int:

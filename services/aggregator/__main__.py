@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.aggregator.service import Aggregator
 
     aggregator = Aggregator(settings, runtime.Metrics("parca_agent_aggregator"))
+    runtime.settle_gc()
     try:
         aggregator.run(stop)
     finally:

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     collector = None
     try:
         collector = Collector(settings, sampler, metrics)
+        runtime.settle_gc()  # the kallsyms table and modules stay out of later collections
         collector.run(stop)
     finally:
         if collector is not None:

@@ -285,6 +285,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, b"ok\n", "text/plain; charset=utf-8")
 
     def metrics(self, _arg, _params):
+        self.app.health.refresh_metrics("ui", self.app.metrics.snapshot())
         self._send(200, exposition.render(self.app.registry), CONTENT_TYPE_LATEST)
 
     def static(self, name, _params):

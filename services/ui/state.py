@@ -207,6 +207,14 @@ class ServiceHealth:
             state.pid, state.started, state.last_heartbeat = pid, started, now
             state.metrics = metrics
 
+    def refresh_metrics(self, name: str, metrics: list) -> None:
+        """Replace a service's metrics without counting a heartbeat: the UI's own, which it
+        knows live, so /metrics never shows them a heartbeat interval old."""
+        with self._lock:
+            state = self._services.get(name)
+            if state is not None and state.last_heartbeat:
+                state.metrics = metrics
+
     def alive(self, state: ServiceState) -> bool:
         return (state.last_heartbeat > 0
                 and self._clock() - state.last_heartbeat < self.ALIVE_SECONDS)
