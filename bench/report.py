@@ -40,6 +40,10 @@ def header_of(result: dict) -> str:
     return f"_{line}_"
 
 
+def _ratio_of(a, b):
+    return round(a / b, 2) if a is not None and b else None
+
+
 def _lt(value, bound):
     return None if value is None else value < bound
 
@@ -257,11 +261,14 @@ def reliability_section(results: dict) -> str:
                       ["perf CPU-s per s", lo["perf"]["cpu_per_s"]],
                       ["agent ÷ perf (goal < 1.0)", lo["cpu_ratio_to_perf"]],
                       ["perf CPU-s per s incl. its exit", lo["perf"].get("cpu_total_per_s")],
+                      ["agent ÷ perf incl. its exit", _ratio_of(
+                          a["cpu_per_s"], lo["perf"].get("cpu_total_per_s"))],
                       ["samples taken in the kernel", a.get("samples_seen_in_kernel")],
                       ["samples drained by the collector", a["samples_drained"]],
                       ["samples received by the aggregator", a["samples_received"]],
                       ["drained − received", a["samples_unaccounted"]],
-                      ["tolerance (heartbeats are up to 2 s apart)", a["tolerance"]],
+                      ["tolerance (heartbeats are 5 s apart: twice that many samples)",
+                       a["tolerance"]],
                   ] + [[k, v] for k, v in sorted(a["losses_reported"].items())]), ""]
     if not (c or lo):
         parts.append("No churn or load run yet (`python -m bench churn`, `python -m bench load`).")
