@@ -52,6 +52,7 @@ def trial(profiler, binary: str, duration: float) -> dict:
                 "python_rate": round(rates["python"], 2),
                 "perf_output_mb": getattr(profiler, "output_mb", None) if profiler.name == "perf"
                 else None,
+                "settle_s": getattr(profiler, "settle_s", None),
                 "services_cpu_window_s": {n: round(services1[n] - services0.get(n, 0.0), 4)
                                           for n in services1} or None}
     finally:

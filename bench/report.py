@@ -90,8 +90,9 @@ def overhead_section(r: dict) -> tuple[str, list]:
 Two C chain processes and one Python process keep both cores busy; each profiler runs
 {fmt(r['args']['duration'])} s beside them, interleaved (none, agent, perf, bcc, …),
 {r['args']['repeats']} round(s), medians. "cpu/s" is the profiler's CPU while the workload ran
-(the agent's from 3 s after its collector first drained samples; thread run times from
-schedstat), per wall second; "total" is everything from its start to its exit (the agent: to
+(the agent's once its start-up work is done: from when its CPU use first drops below
+0.015 CPU-s/s over 2 s, at least 3 s after its collector first drained samples, at most 40 s;
+thread run times from schedstat), per wall second; "total" is everything from its start to its exit (the agent: to
 just before it is stopped) over the same duration. perf defers most of its work (build ids) to
 its exit, so its "cpu/s" is near zero and "÷ perf total" is the fairer ratio of the two. The
 agent hands out a symbolized profile every 10 s; "perf-10s" is perf doing the nearest thing, a
