@@ -20,6 +20,8 @@ from services.collector.build_id import BuildIdCache
 
 FORGET_AFTER = 60.0  # a process not sampled for this long is forgotten (bounded memory)
 REREAD_MAPS_AFTER = 1.0  # at most one maps re-read a second per process, whatever the samples say
+EXEC_RETRY_SECONDS = 0.02  # the wait before reading a process in execve again
+EXEC_RETRY_EVERY = 0.2  # at most one such wait per this many seconds
 MAX_PROCESSES = 32768
 
 
@@ -55,6 +57,7 @@ class ProcessTable:
         self.binaries = binaries
         self.metrics = metrics
         self.processes: dict[int, ProcessInfo] = {}
+        self._last_retry = -1e9
 
     def observe(self, pid: int, user_addresses: list[int], now: float | None = None) -> dict | None:
         """Note that pid was sampled at these addresses; return its metadata if it must be
@@ -63,6 +66,14 @@ class ProcessTable:
         info = self.processes.get(pid)
         if info is None:
             info = self._read(pid, now)
+            if (info is None and now - self._last_retry >= EXEC_RETRY_EVERY
+                    and proc.read_stat(pid, self.proc_path) is not None):
+                self._last_retry = now  # bounded: many unreadable processes cannot stall a drain
+                # Alive but unreadable: /proc/<pid>/maps refuses readers while the process is
+                # in execve. That lasts milliseconds; without this second try its first samples
+                # could reach a window's close before its metadata does.
+                time.sleep(EXEC_RETRY_SECONDS)
+                info = self._read(pid, now)
             if info is None:
                 self._count("process_read_failures_total")
                 return None
