@@ -173,6 +173,11 @@ def machine_info() -> dict:
 
 # --- results ------------------------------------------------------------------------------------
 
+def ratio(a, b, digits: int = 2):
+    """a / b rounded, or None when either is missing or b is 0."""
+    return round(a / b, digits) if a is not None and b else None
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 
-from bench.common import agent_metrics, log, table
+from bench.common import agent_metrics, log, ratio, table
 from bench.profilers import AgentProfiler, PerfProfiler
 from bench.workloads import work_dir
 from services.runtime import HEARTBEAT_INTERVAL
@@ -93,10 +93,10 @@ def run(args) -> dict:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     agent, perf = results["agent"], results["perf"]
-    ratio = round(agent["cpu_per_s"] / perf["cpu_per_s"], 2) if perf["cpu_per_s"] else None
+    cpu_ratio = ratio(agent["cpu_per_s"], perf["cpu_per_s"])
     print(table(["figure", "value"], [
         ["agent CPU-s per s", agent["cpu_per_s"]], ["perf CPU-s per s", perf["cpu_per_s"]],
-        ["agent ÷ perf", ratio], ["samples drained by the collector", agent["samples_drained"]],
+        ["agent ÷ perf", cpu_ratio], ["samples drained by the collector", agent["samples_drained"]],
         ["samples received by the aggregator", agent["samples_received"]],
         ["drained but not received", agent["samples_unaccounted"]],
         ["heartbeat skew tolerance (samples)", agent["tolerance"]]]))
@@ -104,4 +104,4 @@ def run(args) -> dict:
         print(f"  {name} = {value:g}")
     return {"args": {"duration": args.duration}, "short": args.duration < DEFAULT_DURATION,
             "processes": PROCESSES, "busy_threads": BUSY_PROCESSES * THREADS_EACH,
-            "agent": agent, "perf": perf, "cpu_ratio_to_perf": ratio}
+            "agent": agent, "perf": perf, "cpu_ratio_to_perf": cpu_ratio}

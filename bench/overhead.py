@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shutil
 
-from bench.common import log, median, table
+from bench.common import log, median, ratio, table
 from bench.profilers import all_profilers
 from bench.workloads import Workload, build_chain, work_dir
 
@@ -83,20 +83,16 @@ def summarize(trials: list[dict], duration: float) -> dict:
     perf_windows = by_profiler.get("perf-10s", {})
     for name, s in by_profiler.items():
         for key in ("cpu_window_per_s", "cpu_total_per_s"):
-            s[key.replace("per_s", "ratio_to_perf")] = _ratio(s[key], perf.get(key)) \
+            s[key.replace("per_s", "ratio_to_perf")] = ratio(s[key], perf.get(key)) \
                 if name != "none" else None
             # Against perf making a recording per window as the agent does (its total: every
             # run's start and exit is part of producing those recordings).
-            s[key.replace("per_s", "ratio_to_perf_10s")] = _ratio(
+            s[key.replace("per_s", "ratio_to_perf_10s")] = ratio(
                 s[key], perf_windows.get("cpu_total_per_s")) if name != "none" else None
         for kind in ("c", "python"):
             b, r = base.get(f"{kind}_rate"), s[f"{kind}_rate"]
             s[f"{kind}_slowdown_pct"] = round((1 - r / b) * 100, 2) if b and r else None
     return by_profiler
-
-
-def _ratio(a, b):
-    return round(a / b, 2) if a is not None and b else None
 
 
 def _rnd(x):

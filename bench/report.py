@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from bench.common import ROOT, fmt, load_results
+from bench.common import ROOT, fmt, load_results, ratio
 
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
 RELIABILITY_MD = ROOT / "docs" / "reliability.md"
@@ -40,10 +40,6 @@ def header_of(result: dict) -> str:
     return f"_{line}_"
 
 
-def _ratio_of(a, b):
-    return round(a / b, 2) if a is not None and b else None
-
-
 def _lt(value, bound):
     return None if value is None else value < bound
 
@@ -56,18 +52,18 @@ def overhead_section(r: dict) -> tuple[str, list]:
              v["c_slowdown_pct"], v["python_rate"], v["python_slowdown_pct"]]
             for name, v in s.items()]
     agent = s.get("agent", {})
-    ratio = agent.get("cpu_window_ratio_to_perf")
+    steady_ratio = agent.get("cpu_window_ratio_to_perf")
     ratio_10s = agent.get("cpu_window_ratio_to_perf_10s")
     collector = (agent.get("services_cpu_window_per_s") or {}).get("collector")
     perf_total = s.get("perf", {}).get("cpu_total_per_s")
-    collector_ratio = round(collector / perf_total, 2) if collector and perf_total else None
-    steady_vs_total = _ratio_of(agent.get("cpu_window_per_s"), perf_total)
+    collector_ratio = ratio(collector, perf_total)
+    steady_vs_total = ratio(agent.get("cpu_window_per_s"), perf_total)
     slow = [x for x in (agent.get("c_slowdown_pct"), agent.get("python_slowdown_pct"))
             if x is not None]
     goals = [
-        ["agent CPU ÷ perf's (steady state, perf's 60 s run) < 1.0", ratio,
-         verdict(_lt(ratio, GOALS["cpu_ratio"]))],
-        ["… aiming for 0.5", ratio, verdict(_lt(ratio, GOALS["cpu_ratio_aim"]))],
+        ["agent CPU ÷ perf's (steady state, perf's 60 s run) < 1.0", steady_ratio,
+         verdict(_lt(steady_ratio, GOALS["cpu_ratio"]))],
+        ["… aiming for 0.5", steady_ratio, verdict(_lt(steady_ratio, GOALS["cpu_ratio_aim"]))],
         ["agent CPU ÷ perf's (whole run incl. start-up)", agent.get("cpu_total_ratio_to_perf"),
          verdict(_lt(agent.get("cpu_total_ratio_to_perf"), GOALS["cpu_ratio"]))],
         ["agent CPU (steady) ÷ perf's 60 s run incl. its exit < 1.0", steady_vs_total,
@@ -265,7 +261,7 @@ def reliability_section(results: dict) -> str:
                       ["perf CPU-s per s", lo["perf"]["cpu_per_s"]],
                       ["agent ÷ perf (goal < 1.0)", lo["cpu_ratio_to_perf"]],
                       ["perf CPU-s per s incl. its exit", lo["perf"].get("cpu_total_per_s")],
-                      ["agent ÷ perf incl. its exit", _ratio_of(
+                      ["agent ÷ perf incl. its exit", ratio(
                           a["cpu_per_s"], lo["perf"].get("cpu_total_per_s"))],
                       ["samples taken in the kernel", a.get("samples_seen_in_kernel")],
                       ["samples drained by the collector", a["samples_drained"]],

@@ -54,6 +54,18 @@ def test_batches_around_a_window_edge_land_in_exactly_one_window_each():
     assert agg.close_due(BASE + 100 * SECOND) == []  # nothing twice
 
 
+def test_next_close_is_when_close_due_first_builds_something():
+    """The service sleeps until next_close_ns: one ns earlier nothing closes, at it one does."""
+    agg = make()
+    assert agg.next_close_ns() is None
+    agg.add_samples(batch(BASE + 3 * SECOND, [[7, 7, 1, 0, -1, 1]]))
+    agg.add_samples(batch(BASE + 13 * SECOND, [[7, 7, 1, 0, -1, 1]]))
+    due = agg.next_close_ns()
+    assert due == BASE + 10 * SECOND + GRACE_NS
+    assert agg.close_due(due - 1) == [] and len(agg.close_due(due)) == 1
+    assert agg.next_close_ns() == BASE + 20 * SECOND + GRACE_NS
+
+
 def test_a_late_batch_goes_to_the_open_window_not_lost_not_twice():
     agg = make()
     agg.add_samples(batch(BASE + SECOND, [[7, 7, 1, 0, -1, 3]]))

@@ -11,7 +11,7 @@ import zmq
 
 from services import runtime, wire
 from services.aggregator.symbols import Symbolizer
-from services.aggregator.windows import GRACE_NS, WindowAggregator
+from services.aggregator.windows import WindowAggregator
 from services.profile_channel import ProfileSender
 from services.settings import Settings
 
@@ -79,10 +79,10 @@ class Aggregator:
 
     def _next_close_due(self) -> float:
         """When (monotonic) the oldest open window is due to close; inf with none open."""
-        if not self.windows.windows:
+        due_ns = self.windows.next_close_ns()
+        if due_ns is None:
             return math.inf
-        end_ns = min(w.end_ns for w in self.windows.windows.values()) + GRACE_NS
-        return time.monotonic() + (end_ns - self.windows.clock()) / 1e9
+        return time.monotonic() + (due_ns - self.windows.clock()) / 1e9
 
     def _drain(self, sock: zmq.Socket, limit: int = 1000) -> None:
         for _ in range(limit):

@@ -230,6 +230,12 @@ class WindowAggregator:
 
     # --- outputs ------------------------------------------------------------------------------
 
+    def next_close_ns(self) -> int | None:
+        """Wall-clock ns when the oldest open window is due to close; None with none open."""
+        if not self.windows:
+            return None
+        return min(self.windows) + self.duration_ns + GRACE_NS
+
     def close_due(self, now_ns: int | None = None, force: bool = False) -> list[dict]:
         """Build the profiles of every window whose end (plus grace) has passed."""
         now_ns = self.clock() if now_ns is None else now_ns

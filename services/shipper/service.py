@@ -159,9 +159,9 @@ class Shipper:
                 log.exception("unexpected error while shipping; retrying")
                 delay = self.backoff.next_delay()
                 continue
-            if delay == self.interval and not len(self.spool):
-                # All sent: sleep until the next profile is spooled (or the stop), then give
-                # it `interval` to gather company into one batch.
+            if not len(self.spool):
+                # All sent (or dropped): sleep until the next profile is spooled (or the stop),
+                # then give it `interval` to gather company into one batch.
                 self._work.wait()
                 self._work.clear()
 
