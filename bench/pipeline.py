@@ -3,10 +3,12 @@
 - Aggregator: `python -m services.aggregator` (and the shipper it sends profiles to) against a
   PUB socket bound where the collector's would be, in a temporary run directory. The bench sends
   bursts of synthetic `samples` batches (user frames inside a real binary, so symbolization is
-  real work) and times how long the aggregator is busy with each burst, from its CPU counters in
-  /proc; its heartbeat's samples_received_total confirms every record arrived (each record
-  counts one sample). The socket blocks instead of dropping (XPUB_NODROP), so nothing is lost
-  and nothing is measured twice; windows close as usual (10 s), so their builds are included.
+  real work) back to back for the duration, each once the aggregator has gone idle after the
+  previous one (its threads' CPU time in /proc/<pid>/task/*/schedstat stops growing), so its
+  queue stays short. Records per CPU-second: everything sent over the aggregator's CPU time
+  from the first burst until its heartbeat has counted every record (each counts one sample)
+  and it has built every window they opened (10 s windows): window closes are part of the cost.
+  The socket blocks instead of dropping (XPUB_NODROP), so nothing is lost or counted twice.
 - Window build: bench/bench_profile_builder.py (50,000 distinct stacks of 20 frames) in its own
   process.
 - Collector drain: the real CpuSampler (BPF loaded, events attached) with 10,000 synthetic
@@ -25,7 +27,7 @@ import time
 
 import zmq
 
-from bench.common import ROOT, cpu_seconds, log, median, status_mb, table
+from bench.common import ROOT, cpu_seconds, cpu_seconds_precise, log, median, status_mb, table
 from bench.workloads import work_dir
 
 NAME = "pipeline"
@@ -35,6 +37,7 @@ BATCHES_PER_BURST = 100
 PROCESSES = 50
 USER_STACKS = 20_000  # distinct stacks drawn from: a window's tables stay bounded
 DEPTH = 20
+IDLE_S = 0.03  # no CPU used for this long: the aggregator has taken the burst
 
 
 def add_arguments(parser) -> None:
@@ -121,10 +124,10 @@ def aggregator_throughput(duration: float) -> dict:
         for body in processes:
             pub.send_multipart(publisher.encode("process", body))
         sent = bursts = 0
-        busy_s = cpu_s = 0.0
+        busy_s = 0.0
         started = time.monotonic()
+        cpu0 = cpu_seconds([aggregator.pid])
         while time.monotonic() - started < duration:
-            cpu0 = cpu_seconds([aggregator.pid])
             t0 = time.monotonic()
             for i in range(BATCHES_PER_BURST):
                 body = bodies[(bursts * BATCHES_PER_BURST + i) % len(bodies)]
@@ -132,27 +135,27 @@ def aggregator_throughput(duration: float) -> dict:
                 pub.send_multipart(publisher.encode("samples", body))
             sent += BATCHES_PER_BURST * RECORDS_PER_BATCH
             bursts += 1
-            # Busy until its CPU time stops growing and its heartbeat has counted every record.
-            last_cpu, last_busy = cpu0, t0
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                heartbeats.poll(20)
-                now_cpu = cpu_seconds([aggregator.pid])
-                if now_cpu != last_cpu:
-                    last_cpu, last_busy = now_cpu, time.monotonic()
-                if heartbeats.get("samples_received_total") >= sent \
-                        and time.monotonic() - last_busy > 0.3:
-                    break
-            else:
-                raise RuntimeError("the aggregator did not take a burst within 120 s")
-            busy_s += last_busy - t0
-            cpu_s += last_cpu - cpu0
+            # The burst is taken once the aggregator's CPU time (ns, schedstat) stops growing.
+            busy_s += _until_idle(aggregator.pid, t0) - t0
+            heartbeats.poll(0)
+        # Every record counted and every window they opened built: closes are part of the cost.
+        deadline = time.monotonic() + 60
+        while not (heartbeats.get("samples_received_total") >= sent
+                   and heartbeats.get("windows_open") == 0):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the aggregator did not count and build everything in 60 s")
+            heartbeats.poll(500)
+        cpu_s = cpu_seconds([aggregator.pid]) - cpu0
+        windows = heartbeats.get("windows_closed_total")
         result = {
             "records": sent, "bursts": bursts, "records_per_batch": RECORDS_PER_BATCH,
+            "windows_closed": windows,
+            "records_per_window": round(sent / windows) if windows else None,
             "busy_s": round(busy_s, 2), "cpu_s": round(cpu_s, 2),
             "records_per_s": round(sent / busy_s) if busy_s else None,
             "records_per_cpu_s": round(sent / cpu_s) if cpu_s else None,
             "profiles_built": heartbeats.get("profiles_built_total"),
+            "last_profile_build_s": round(heartbeats.get("profile_build_seconds"), 4),
             "messages_lost": heartbeats.get("messages_lost_total"),
             "peak_rss_mb": status_mb(aggregator.pid, "VmHWM"),
         }
@@ -165,6 +168,20 @@ def aggregator_throughput(duration: float) -> dict:
         ctx.destroy(linger=0)
         shutil.rmtree(base, ignore_errors=True)
     return result
+
+
+def _until_idle(pid: int, since: float) -> float:
+    """When the process last used CPU, once it has used none for IDLE_S."""
+    last_cpu, last_busy = cpu_seconds_precise([pid]), since
+    deadline = since + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.005)
+        now_cpu = cpu_seconds_precise([pid])
+        if now_cpu != last_cpu:
+            last_cpu, last_busy = now_cpu, time.monotonic()
+        elif time.monotonic() - last_busy > IDLE_S:
+            return last_busy
+    raise RuntimeError("the aggregator did not take a burst within 120 s")
 
 
 # --- the window build ---------------------------------------------------------------------------

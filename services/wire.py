@@ -67,6 +67,10 @@ ALL_ENDPOINTS = (
     ENDPOINT_UI_PUB,
 )
 
+# Bodies of these types decode their arrays as tuples, not lists: samples are the stream's bulk,
+# msgpack makes a tuple faster than a list, and the aggregator keys its dicts by stack tuples.
+TUPLE_BODIES = frozenset({"samples"})
+
 # Largest frame a receiver will try to decode; larger ones are dropped as malformed. A window's
 # profile of a busy target is a few MB; the collector's batches are far smaller.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -150,7 +154,8 @@ def decode(frames: list[bytes]) -> Message:
     if not isinstance(seq, int) or not isinstance(ts, (int, float)) or not isinstance(src, str):
         raise WireError("bad_header", "field types")
     try:
-        body = msgpack.unpackb(raw_body, raw=False, strict_map_key=False)
+        body = msgpack.unpackb(raw_body, raw=False, strict_map_key=False,
+                               use_list=mtype not in TUPLE_BODIES)
     except Exception as e:
         raise WireError("bad_body", type(e).__name__) from None
     if not isinstance(body, dict):
