@@ -293,3 +293,36 @@ def test_profiles_are_those_of_adding_each_sample_in_turn():
             expected.add_sample(user(int(pid), stacks[u]), k, count, {"thread": tid})
         assert profiles[pid]["pprof"] == expected.build(), pid
         assert profiles[pid]["samples"] == expected.sample_count
+
+
+def test_processes_with_one_layout_share_the_work_but_not_their_names_elsewhere():
+    """Forked workers (equal mappings and cache paths) of one target: each address is looked
+    up once for all of them. A process whose file is read from another cache path (another
+    container's copy) is looked up on its own, and its frames carry its own names."""
+    symbolizer = NamingSymbolizer()
+    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
+    agg.apply_targets({"filtering": False, "targets": [
+        {"labels": {"container": "c"}, "cgroup_ids": [5], "pids": []}]})
+    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": "/bin/work", "build_id": "",
+           "cache_path": "/cache/a/work"}
+    for pid in (7, 8):
+        agg.add_process(dict(process(pid), mappings=[exe]))
+    agg.add_process(dict(process(9), mappings=[dict(exe, cache_path="/cache/b/work")]))
+    stacks = [[0x1100, 0x1200], [0x1100, 0x1300]]
+    records = [[7, 7, 5, 0, -1, 1], [8, 8, 5, 1, -1, 2], [9, 9, 5, 0, -1, 3]]
+    agg.add_samples(batch(BASE, records, stacks))
+    (profile,) = agg.close_due(BASE + 20 * SECOND)
+    asked = sorted((candidates[0], sorted(addresses))
+                   for _path, candidates, addresses in symbolizer.asked)
+    assert asked == [("/cache/a/work", [0x1100, 0x11FF, 0x12FF]),
+                     ("/cache/b/work", [0x1100, 0x11FF])]
+    p = decode(profile)
+    strings = list(p.string_table)
+    names = {f.id: strings[f.name] for f in p.function}
+    frames = {loc.id: (loc.address, names[loc.line[0].function_id]) for loc in p.location}
+    pid_key = strings.index("pid")
+    got = sorted(([lab.num for lab in s.label if lab.key == pid_key][0],
+                  [frames[i] for i in s.location_id], s.value[0]) for s in p.sample)
+    assert got == [(7, [(0x1100, "fn_1100"), (0x1200, "fn_11ff")], 1),
+                   (8, [(0x1100, "fn_1100"), (0x1300, "fn_12ff")], 2),
+                   (9, [(0x1100, "fn_1100"), (0x1200, "fn_11ff")], 3)]

@@ -156,6 +156,11 @@ class ProfileBuilder:
             out.append(lid)
         return out
 
+    @property
+    def kernel_location_ids(self) -> dict[int, int]:
+        """address -> location id of the kernel frames so far (read only: for map())."""
+        return self._kernel_location_ids
+
     def kernel_location(self, address: int, name: str) -> int:
         """The location id of one kernel frame (made on first use)."""
         lid = self._kernel_location_ids.get(address)

@@ -46,6 +46,10 @@ class ProcessMeta:
     cache_paths: list[str]
     starts: list[int]
     last_used: float = 0.0
+    # What decides what an address of this process means: its mappings and where their files
+    # are read from. Processes with equal layouts (workers forked from one parent) resolve
+    # every address alike, so a window works each address out once for all of them.
+    layout: tuple = ()
 
     def mapping_of(self, address: int) -> int:
         i = bisect.bisect_right(self.starts, address) - 1
@@ -138,7 +142,8 @@ class WindowAggregator:
         self.processes[pid] = ProcessMeta(
             pid=pid, start_time=int(body["start_time"]), comm=str(body["comm"]),
             executable=str(body["executable"]), mappings=mappings, cache_paths=cache_paths,
-            starts=[m.start for m in mappings], last_used=time.monotonic())
+            starts=[m.start for m in mappings], last_used=time.monotonic(),
+            layout=tuple(zip(mappings, cache_paths)))
         if len(self.processes) > MAX_PROCESSES:
             self._forget_processes()
 
@@ -280,36 +285,43 @@ class WindowAggregator:
         period_ns = int(1e9 / self.frequency)
         builder = ProfileBuilder(period_ns, window.start_ns, window.end_ns - window.start_ns)
         stacks = window.stack_list()
-        resolved = self._symbolize(target, stacks)
+        group_of, resolved = self._symbolize(target, stacks)
         kernel_names = self.kernel_names
         kernel_location, user_locations = builder.kernel_location, builder.user_locations
+        kernel_address_ids = builder.kernel_location_ids
         add = builder.add_location_ids
         per_process = target.per_process
         # Location ids of each stack, worked out once per window and target (a user stack
-        # once per process: the same addresses mean other code in another process), in the
-        # order the samples came, so that ids are as when each sample resolved its own.
+        # once per address layout: the same addresses mean other code in another layout), in
+        # the order the samples came, so that ids are as when each sample resolved its own.
         kernel_ids: dict[int, tuple[int, ...]] = {0: ()}
         user_ids: dict[tuple[int, int], tuple[int, ...]] = {}
-        address_ids: dict[int, dict[int, int]] = {}  # pid -> address -> location id
+        address_ids: dict[int, dict[int, int]] = {}  # layout group -> address -> location id
         for (_index, pid, tid, uid, kid), count in target.stacks:
             kernel = kernel_ids.get(kid)
             if kernel is None:
-                kernel = kernel_ids[kid] = tuple([
-                    kernel_location(a, kernel_names.get(a, "[unknown]")) for a in stacks[kid]])
-            user = user_ids.get((pid, uid))
+                stack = stacks[kid]
+                kernel = tuple(map(kernel_address_ids.get, stack))
+                if None in kernel:
+                    # kernel_location, in stack order: a recursion repeats an address
+                    kernel = tuple([kernel_location(a, kernel_names.get(a, "[unknown]"))
+                                    for a in stack])
+                kernel_ids[kid] = kernel
+            group = group_of[pid]
+            user = user_ids.get((group, uid))
             if user is None:
-                ids = address_ids.get(pid)
+                ids = address_ids.get(group)
                 if ids is None:
-                    ids = address_ids[pid] = {}
+                    ids = address_ids[group] = {}
                 stack = stacks[uid]
                 user = tuple(map(ids.get, stack))
                 if None in user:
                     new = list(dict.fromkeys(compress(stack, map(is_, user, _NONES))))
-                    mappings, names = resolved.get(pid, _UNRESOLVED)
+                    mappings, names = resolved.get(group, _UNRESOLVED)
                     ids.update(zip(new, user_locations(new, map(mappings.get, new),
                                                        map(names.get, new))))
                     user = tuple(map(ids.__getitem__, stack))
-                user_ids[(pid, uid)] = user
+                user_ids[(group, uid)] = user
             add(kernel + user, count,
                 (("thread", tid),) if per_process else (("pid", pid), ("thread", tid)))
         profile = {"id": uuid.uuid4().hex, "labels": target.labels, "start_ns": window.start_ns,
@@ -324,34 +336,45 @@ class WindowAggregator:
                 "executable": meta.executable if meta else ""}
 
     def _symbolize(self, target: Target, stacks: list[tuple[int, ...]]
-                   ) -> dict[int, tuple[dict[int, MappingInfo], dict[int, Frame | None]]]:
-        """pid -> (address -> mapping, address -> frame) for the user addresses of the target
-        inside a mapping, each distinct address worked out once, names asked once per mapped
-        file. (Two dicts rather than one of pairs: no object per address for the garbage
-        collector to walk.)"""
-        leaves: dict[int, set[int]] = {}
-        callers: dict[int, set[int]] = {}
-        for pid, uid in dict.fromkeys([(key[1], key[3]) for key, _ in target.stacks]):
-            if not uid:
-                continue
-            stack = stacks[uid]
-            if pid not in leaves:
-                leaves[pid], callers[pid] = set(), set()
-            leaves[pid].add(stack[0])
-            callers[pid].update(stack[1:])
-        resolved = {}
+                   ) -> tuple[dict[int, int],
+                              dict[int, tuple[dict[int, MappingInfo], dict[int, Frame | None]]]]:
+        """pid -> layout group, and group -> (address -> mapping, address -> frame) for the
+        user addresses of the target inside a mapping: each distinct address worked out once
+        per group of processes with one layout, names asked once per mapped file. (Two dicts
+        rather than one of pairs: no object per address for the garbage collector to walk.)"""
+        processes = self.processes
         now = time.monotonic()
-        for pid, leaf in leaves.items():
-            meta = self.processes.get(pid)
-            if meta is None:
+        group_of: dict[int, int] = {}
+        groups: dict[tuple, int] = {}
+        metas: list[ProcessMeta | None] = []  # by group
+        leaves: list[set[int]] = []
+        callers: list[set[int]] = []
+        for pid, uid in dict.fromkeys([(key[1], key[3]) for key, _ in target.stacks]):
+            group = group_of.get(pid)
+            if group is None:
+                meta = processes.get(pid)
+                if meta is not None:
+                    meta.last_used = now
+                layout = meta.layout if meta is not None else ("pid", pid)
+                group = group_of[pid] = groups.setdefault(layout, len(groups))
+                if group == len(metas):
+                    metas.append(meta)
+                    leaves.append(set())
+                    callers.append(set())
+            if uid:
+                stack = stacks[uid]
+                leaves[group].add(stack[0])
+                callers[group].update(stack[1:])
+        resolved = {}
+        for group, meta in enumerate(metas):
+            if meta is None or not (leaves[group] or callers[group]):
                 continue
-            meta.last_used = now
-            caller = callers[pid]
+            leaf, caller = leaves[group], callers[group]
             addresses = sorted(leaf | caller)
             # A caller's return address points after its call: look up the call itself. An
             # address seen both innermost and as a caller is looked up as a caller.
             only_leaves = sorted(leaf - caller)
-            mappings, frames = resolved[pid] = {}, {}
+            mappings, frames = resolved[group] = {}, {}
             starts = meta.starts
             for i, mapping in enumerate(meta.mappings):
                 # The addresses mapping_of gives this mapping: from its start up to its limit
@@ -371,7 +394,7 @@ class WindowAggregator:
                     lookups[bisect.bisect_left(inside, a)] = a
                 candidates = [p for p in (meta.cache_paths[i], mapping.path) if p]
                 frames.update(zip(inside, self.symbolizer.frames(mapping, candidates, lookups)))
-        return resolved
+        return group_of, resolved
 
     def _forget_processes(self) -> None:
         cutoff = time.monotonic() - PROCESS_TTL
