@@ -214,7 +214,9 @@ def test_sigterm_stops_the_ui_quickly_with_status_zero():
         start = time.monotonic()
         ui.proc.send_signal(signal.SIGTERM)
         assert ui.proc.wait(10) == 0
-        assert time.monotonic() - start < 5
+        # Well under STOP_WAIT (3 s): the HTTP server, which sleeps without a poll interval,
+        # was woken to stop rather than waited for.
+        assert time.monotonic() - start < 2.5
         ui.stop()
         assert not os.path.exists(os.path.join(run_dir, wire.ENDPOINT_UI_PUB))
     finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 
 from services import runtime
 from services.ui.feed import Feed
@@ -30,19 +32,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     feed = Feed(settings.run_dir, targets, health, metrics, stop)
     feed.start()
-    # The server wakes every poll_interval to see whether shutdown() was called: once a
-    # second keeps the idle UI cheap and the stop well within supervisord's wait.
-    http_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 1.0},
+    # No poll interval: the server sleeps until a connection comes (a wake-up a second costs
+    # an idle UI more than all its other work); the stop wakes it with a connection of its own.
+    http_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None},
                                    name="ui-http", daemon=True)
     http_thread.start()
     log.info("listening on %s:%d", *server.server_address[:2])
     while not stop.wait(60.0):  # a signal wakes it at once
         pass
     log.info("stopping")
-    server.shutdown()
+    _shutdown(server)
     server.server_close()
     feed.join(STOP_WAIT)
     return 1 if feed.failed else 0
+
+
+def _shutdown(server) -> None:
+    """server.shutdown() returns once serve_forever sees the request, which it does only when
+    woken: connect to it until it has."""
+    stopper = threading.Thread(target=server.shutdown, name="ui-http-stop", daemon=True)
+    stopper.start()
+    host, port = server.server_address[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    deadline = time.monotonic() + STOP_WAIT
+    while stopper.is_alive() and time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+        except OSError:
+            pass
+        stopper.join(0.1)
 
 
 if __name__ == "__main__":
