@@ -326,3 +326,20 @@ def test_processes_with_one_layout_share_the_work_but_not_their_names_elsewhere(
     assert got == [(7, [(0x1100, "fn_1100"), (0x1200, "fn_11ff")], 1),
                    (8, [(0x1100, "fn_1100"), (0x1300, "fn_12ff")], 2),
                    (9, [(0x1100, "fn_1100"), (0x1200, "fn_11ff")], 3)]
+
+
+def test_a_repeated_process_message_is_taken_once_and_a_changed_one_again():
+    agg = make()
+    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": "/bin/work", "build_id": ""}
+    agg.add_process(dict(process(7), mappings=[exe]))
+    first = agg.processes[7]
+    agg.add_process(dict(process(7), mappings=[dict(exe)]))  # the collector's repeat
+    assert agg.processes[7] is first
+    agg.add_process(dict(process(7, comm="renamed"), mappings=[exe]))
+    assert agg.processes[7].comm == "renamed"
+    agg.add_process(dict(process(7, comm="renamed"),
+                         mappings=[exe, dict(exe, start=0x6000, limit=0x7000)]))  # dlopen
+    assert [m.start for m in agg.processes[7].mappings] == [0x1000, 0x6000]
+    agg.add_process(dict(process(7, comm="renamed"), pid=7.0,
+                         mappings=[exe, dict(exe, start=0x6000, limit=0x7000)]))
+    assert type(agg.processes[7].pid) is int

@@ -50,6 +50,9 @@ class ProcessMeta:
     # are read from. Processes with equal layouts (workers forked from one parent) resolve
     # every address alike, so a window works each address out once for all of them.
     layout: tuple = ()
+    # The message fields this was made from: the collector repeats every process every few
+    # seconds, and an unchanged one need not be made again.
+    source: tuple = ()
 
     def mapping_of(self, address: int) -> int:
         i = bisect.bisect_right(self.starts, address) - 1
@@ -133,6 +136,11 @@ class WindowAggregator:
             self._add_process(body)
 
     def _add_process(self, body: dict) -> None:
+        source = (body["start_time"], body["comm"], body["executable"], body["mappings"])
+        known = self.processes.get(body["pid"])
+        if known is not None and known.source == source and type(body["pid"]) is int:
+            known.last_used = time.monotonic()
+            return
         mappings, cache_paths = [], []
         for m in sorted(body["mappings"], key=lambda m: int(m["start"])):
             mappings.append(MappingInfo(int(m["start"]), int(m["limit"]), int(m["offset"]),
@@ -143,7 +151,7 @@ class WindowAggregator:
             pid=pid, start_time=int(body["start_time"]), comm=str(body["comm"]),
             executable=str(body["executable"]), mappings=mappings, cache_paths=cache_paths,
             starts=[m.start for m in mappings], last_used=time.monotonic(),
-            layout=tuple(zip(mappings, cache_paths)))
+            layout=tuple(zip(mappings, cache_paths)), source=source)
         if len(self.processes) > MAX_PROCESSES:
             self._forget_processes()
 
