@@ -48,12 +48,19 @@ def measure(profiler, binary: str, duration: float, directory: str) -> dict:
     load = start_load(binary)
     try:
         time.sleep(2)  # every process has started
+        by_service = isinstance(profiler, AgentProfiler)
         cpu0 = profiler.cpu()
+        services0 = profiler.cpu_by_service() if by_service else {}
         time.sleep(duration)
         cpu1 = profiler.cpu()
+        services1 = profiler.cpu_by_service() if by_service else {}
     finally:
         stop_load(load)
     result = {"cpu_per_s": round((cpu1 - cpu0) / duration, 4)}
+    if services1:
+        result["cpu_per_s_by_process"] = {
+            name: round((services1[name] - services0.get(name, 0.0)) / duration, 4)
+            for name in sorted(services1)}
     if isinstance(profiler, AgentProfiler):
         # Let the last drain reach the aggregator and both heartbeats report it.
         time.sleep(2 * HEARTBEAT_INTERVAL + 2)

@@ -272,6 +272,9 @@ def reliability_section(results: dict) -> str:
                   f"{fmt(lo['args']['duration'])} s under the agent, then under perf.\n",
                   md_table(["figure", "value"], [
                       ["agent CPU-s per s", a["cpu_per_s"]],
+                      ["… by process", ", ".join(
+                          f"{n} {v}" for n, v in a.get("cpu_per_s_by_process", {}).items())
+                       or "not recorded"],
                       ["perf CPU-s per s", lo["perf"]["cpu_per_s"]],
                       ["agent ÷ perf (goal < 1.0)", lo["cpu_ratio_to_perf"]],
                       ["perf CPU-s per s incl. its exit", lo["perf"].get("cpu_total_per_s")],
