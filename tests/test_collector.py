@@ -10,7 +10,10 @@ import pytest
 
 from services import wire
 from services.collector import proc
+from services.collector.bpf_program import COUNTS_MAX, COUNTS_MIN, counts_capacity
+from services.collector.build_id import BuildIdCache
 from services.collector.kernel_symbols import KernelSymbols
+from services.collector.processes import ProcessTable
 from tests.conftest import check_bpf
 from tests.helpers.services import (PYTHON, ROOT, Subscriber, service_env, start_service, stop,
                                     wait_until)
@@ -206,3 +209,72 @@ def test_kernel_symbols_name_addresses_by_nearest_preceding_text_symbol(tmp_path
     assert ks.name(0xffffffff81000250) == "helper"  # data symbols do not name code
     assert ks.name(0xffffffffc0000010) == "mod_fn [mymod]"
     assert ks.name(0x10) == "[unknown]"
+
+
+def _fake_process(root, pid: int, start_time: int, maps: list[tuple[int, int]]) -> None:
+    """A /proc/<pid> fixture: stat with this start time, executable mappings of /usr/bin/x."""
+    d = root / str(pid)
+    d.mkdir(exist_ok=True)
+    fields = ["S"] + ["0"] * 18 + [str(start_time)] + ["0"] * 10
+    (d / "stat").write_text(f"{pid} (x) " + " ".join(fields))
+    (d / "maps").write_text("".join(f"{a:x}-{b:x} r-xp 00000000 08:01 1 /usr/bin/x\n"
+                                    for a, b in maps))
+    (d / "cmdline").write_bytes(b"x\0")
+
+
+def _counting_maps_reads(monkeypatch) -> list[int]:
+    reads: list[int] = []
+    real = proc.read_maps
+
+    def read_maps(pid, path="/proc"):
+        reads.append(pid)
+        return real(pid, path)
+    monkeypatch.setattr(proc, "read_maps", read_maps)
+    return reads
+
+
+def test_observe_checks_each_address_once_per_mappings(tmp_path, monkeypatch):
+    """Addresses already found inside the mappings, or outside them in maps that had not
+    changed (JIT code), do not make the process's maps be read again; a new one does."""
+    _fake_process(tmp_path, 7, 100, [(0x1000, 0x2000)])
+    table = ProcessTable(str(tmp_path), BuildIdCache(), None)
+    reads = _counting_maps_reads(monkeypatch)
+    assert table.observe(7, {0x1100}, now=0.0)["start_time"] == 100
+    assert table.observe(7, {0x1100, 0x1200}, now=2.0) is None
+    assert reads == [7]
+    assert table.observe(7, {0x1100, 0x9000}, now=4.0) is None  # outside: read, unchanged
+    assert reads == [7, 7]
+    assert table.observe(7, {0x9000, 0x1200}, now=6.0) is None  # known outside: not again
+    assert reads == [7, 7]
+    assert table.observe(7, {0x9100}, now=8.0) is None  # a new address outside: read again
+    assert reads == [7, 7, 7]
+    # dlopen: the next new address is in a new mapping, published with it.
+    _fake_process(tmp_path, 7, 100, [(0x1000, 0x2000), (0xa000, 0xb000)])
+    body = table.observe(7, {0xa100}, now=10.0)
+    assert [m["start"] for m in body["mappings"]] == [0x1000, 0xa000]
+
+
+def test_observe_forgets_checked_addresses_when_the_pid_is_reused(tmp_path, monkeypatch):
+    """The addresses checked belong to one process's mappings: a new process under the same
+    pid starts with none, so an address inside the old process's mappings but outside the
+    new one's still makes its maps be read."""
+    _fake_process(tmp_path, 8, 100, [(0x1000, 0x2000)])
+    table = ProcessTable(str(tmp_path), BuildIdCache(), None)
+    assert table.observe(8, {0x1100}, now=0.0) is not None
+    assert table.observe(8, {0x1100}, now=2.0) is None  # checked: inside
+    _fake_process(tmp_path, 8, 200, [(0x5000, 0x6000)])  # exited; the pid names another
+    body = table.observe(8, {0x5100}, now=4.0)
+    assert body["start_time"] == 200 and [m["start"] for m in body["mappings"]] == [0x5000]
+    reads = _counting_maps_reads(monkeypatch)
+    _fake_process(tmp_path, 8, 200, [(0x5000, 0x6000), (0x1000, 0x2000)])  # maps it later
+    body = table.observe(8, {0x1100}, now=6.0)  # checked under the old process, not this one
+    assert reads == [8] and [m["start"] for m in body["mappings"]] == [0x1000, 0x5000]
+
+
+def test_count_map_is_sized_for_what_the_cpus_can_sample():
+    """Every drain walks every bucket of the count map: a small host gets a smaller map, still
+    with many seconds of room; a large one keeps the cap."""
+    assert counts_capacity(100, 2) == COUNTS_MIN  # 3,200 samples in 16 s: the floor
+    assert counts_capacity(1000, 4) == 65536 == COUNTS_MAX  # 64,000 in 16 s
+    assert counts_capacity(100, 256) == COUNTS_MAX
+    assert counts_capacity(100, 16) == 32768  # 25,600 rounded up to a power of two

@@ -14,8 +14,8 @@ import importlib.util
 import logging
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from services.collector import bpf_syscalls as bs
 from services.collector.loader import LoadError, load
@@ -25,6 +25,11 @@ BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "cpu_sample.c"
 log = logging.getLogger("parca_agent.collector.bpf")
 
 COUNTS_MAX = 65536  # distinct (pid, tid, cgroup, stacks) per drain interval before samples are lost
+# The count map is sized for what the CPUs can sample in COUNTS_HEADROOM_S seconds (a drain
+# comes every second), within [COUNTS_MIN, COUNTS_MAX]: every drain's batch call walks every
+# bucket, and 65536 empty ones cost a small host ~0.1 ms a drain for nothing.
+COUNTS_MIN = 16384
+COUNTS_HEADROOM_S = 16
 STACKS_MAX = 16384  # distinct stacks per drain; more raise the chance of -EEXIST collisions
 FILTER_MAX = 16384  # cgroups and pids to profile
 MAX_DEPTH = 127  # the kernel's PERF_MAX_STACK_DEPTH default, what bpf_get_stackid records
@@ -76,6 +81,13 @@ UNWIND_STAT_NAMES = (
 )
 
 
+def counts_capacity(frequency: int, cpus: int) -> int:
+    """Entries of the count map: a power of two (the kernel rounds its buckets up to one)
+    holding COUNTS_HEADROOM_S seconds of samples that all differ, within the bounds."""
+    wanted = max(1, frequency * cpus * COUNTS_HEADROOM_S)
+    return min(COUNTS_MAX, max(COUNTS_MIN, 1 << (wanted - 1).bit_length()))
+
+
 class BpfUnavailable(Exception):
     """BPF cannot run here; the message names the problem and the fix, in one line."""
 
@@ -97,8 +109,9 @@ def check_environment() -> None:
                              "a kernel built with CONFIG_BPF_SYSCALL is needed")
 
 
-@dataclass
-class CountEntry:
+class CountEntry(NamedTuple):
+    """One drained count. drain_counts() returns plain tuples in this order (building a
+    named tuple or dataclass per entry costs more than the rest of its unpacking)."""
     pid: int
     tid: int
     cgroup_id: int
@@ -118,9 +131,10 @@ class CpuSampler:
     def __init__(self, frequency: int, unwind: bool = True):
         check_environment()
         self.unwinding = unwind
+        self.counts_max = counts_capacity(frequency, len(bs.online_cpus()))
         while True:
             try:
-                loaded = self._load(self.unwinding)
+                loaded = self._load(self.unwinding, self.counts_max)
                 break
             except LoadError as e:
                 if not self.unwinding:
@@ -161,16 +175,16 @@ class CpuSampler:
         self._unwound_now: dict[int, list[int]] = {}
         self._unwound_before: dict[int, list[int]] = {}
         # Reused buffers: allocating 65536 keys every second would dominate the drain.
-        self._keys = ct.create_string_buffer(KEY.size * COUNTS_MAX)
-        self._values = ct.create_string_buffer(VALUE.size * COUNTS_MAX)
+        self._keys = ct.create_string_buffer(KEY.size * self.counts_max)
+        self._values = ct.create_string_buffer(VALUE.size * self.counts_max)
         self._stack_buf = ct.create_string_buffer(STACK.size)
         self._batch_ok = True
         self.filtered_cgroups: set[int] = set()
         self.filtered_pids: set[int] = set()
 
     @staticmethod
-    def _load(unwind: bool):
-        cflags = [f"-DCOUNTS_MAX={COUNTS_MAX}", f"-DSTACKS_MAX={STACKS_MAX}",
+    def _load(unwind: bool, counts_max: int = COUNTS_MAX):
+        cflags = [f"-DCOUNTS_MAX={counts_max}", f"-DSTACKS_MAX={STACKS_MAX}",
                   f"-DFILTER_MAX={FILTER_MAX}", f"-DDWARF_UNWIND={int(unwind)}"]
         maps, tail_calls = list(MAPS), []
         if unwind:
@@ -181,8 +195,9 @@ class CpuSampler:
             tail_calls = [("unwind_programs", 0, "unwind_user_stack")]
         return load(BPF_SOURCE.read_text(), cflags, ["on_cpu_sample"], maps, tail_calls)
 
-    def drain_counts(self) -> list[CountEntry]:
-        """Take every count out of the kernel map (lookup-and-delete)."""
+    def drain_counts(self) -> list[tuple[int, int, int, int, int, int]]:
+        """Take every count out of the kernel map (lookup-and-delete): tuples laid out as
+        CountEntry; an unwound user stack's id is UNWOUND_STACK_BASE + its hash."""
         if self._batch_ok:
             try:
                 return self._drain_batch()
@@ -193,22 +208,28 @@ class CpuSampler:
                 self._batch_ok = False  # an older kernel: iterate-and-delete from now on
         return self._drain_iterate()
 
-    def _drain_batch(self) -> list[CountEntry]:
+    def _drain_batch(self) -> list[tuple[int, int, int, int, int, int]]:
         total = self.counts.lookup_and_delete_batch(self._keys, self._values)
         if self.unwinding:
             self._drain_unwound_stacks()
-        keys = self._keys.raw[: KEY.size * total]
-        values = self._values.raw[: VALUE.size * total]
-        return [_entry(*k, v[0]) for k, v in zip(KEY.iter_unpack(keys),
-                                                  VALUE.iter_unpack(values))]
+        # Only the filled part: .raw would copy the whole 2.5 MB of buffers every drain.
+        keys = ct.string_at(self._keys, KEY.size * total)
+        values = ct.string_at(self._values, VALUE.size * total)
+        base = UNWOUND_STACK_BASE
+        return [(pid, tid, cgroup, base + unwound if unwound else user, kernel, count)
+                for (pid, tid, cgroup, user, kernel, unwound), (count,)
+                in zip(KEY.iter_unpack(keys), VALUE.iter_unpack(values))]
 
-    def _drain_iterate(self) -> list[CountEntry]:
+    def _drain_iterate(self) -> list[tuple[int, int, int, int, int, int]]:
         entries = []
         for key in self.counts.keys():
             value = self.counts.lookup(key)
             if value is None or not self.counts.delete(key):
                 continue
-            entries.append(_entry(*KEY.unpack(key), VALUE.unpack(value)[0]))
+            pid, tid, cgroup, user, kernel, unwound = KEY.unpack(key)
+            if unwound:
+                user = UNWOUND_STACK_BASE + unwound
+            entries.append((pid, tid, cgroup, user, kernel, VALUE.unpack(value)[0]))
         return entries
 
     def take_stack(self, stack_id: int) -> list[int] | None:
@@ -245,16 +266,16 @@ class CpuSampler:
         taken: dict[int, list[int]] = {}
         chunk = UNWOUND_DRAIN_CHUNK
         while True:
-            n = self.unwound_stacks.lookup_and_delete_batch(self._unwound_keys,
-                                                            self._unwound_values, chunk)
-            keys = self._unwound_keys.raw[: 8 * n]
-            values = self._unwound_values.raw[: UNWOUND_STACK.size * n]
+            n, ended = self.unwound_stacks.take_batch(self._unwound_keys, self._unwound_values,
+                                                      chunk)
+            keys = ct.string_at(self._unwound_keys, 8 * n)
+            values = ct.string_at(self._unwound_values, UNWOUND_STACK.size * n)
             for j, (key,) in enumerate(struct.iter_unpack("<Q", keys)):
                 base = j * UNWOUND_STACK.size
                 depth = min(struct.unpack_from("<Q", values, base)[0], MAX_DEPTH)
                 # Only the frames the walk filled: most stacks are far shorter than 127.
                 taken[key] = list(_ADDRESSES[depth].unpack_from(values, base + 8))
-            if n == 0:
+            if n == 0 or ended:  # not another walk of every bucket to learn it is empty
                 break
         self._unwound_now = taken
 
@@ -324,10 +345,3 @@ class CpuSampler:
                 pass
         self._events.clear()
         self._loaded.close()
-
-
-def _entry(pid: int, tid: int, cgroup_id: int, user_stack_id: int, kernel_stack_id: int,
-           user_stack_hash: int, count: int) -> CountEntry:
-    if user_stack_hash:
-        user_stack_id = UNWOUND_STACK_BASE + user_stack_hash
-    return CountEntry(pid, tid, cgroup_id, user_stack_id, kernel_stack_id, count)

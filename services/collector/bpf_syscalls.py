@@ -113,6 +113,10 @@ class Map:
         self._next = ctypes.create_string_buffer(key_size)
         self._value = ctypes.create_string_buffer(self.value_size)
         self._take_ok = True  # lookup-and-delete of one element; stack maps have it since 6.x
+        # Reused by every batch call (several a drain): no allocation per call.
+        self._batch_attr = bytearray(56)
+        self._out_batch = ctypes.create_string_buffer(8)
+        self._sum_bufs = None
 
     @classmethod
     def create_hash(cls, key_size: int, value_size: int, max_entries: int) -> "Map":
@@ -188,17 +192,23 @@ class Map:
         map's size, i.e. all); return how many. The kernel moves whole hash buckets, so a call
         may stop short of ``capacity`` with entries left: a caller with smaller buffers calls
         again until it gets 0."""
+        return self.take_batch(keys_buf, values_buf, capacity)[0]
+
+    def take_batch(self, keys_buf, values_buf, capacity: int | None = None) -> tuple[int, bool]:
+        """lookup_and_delete_batch, and whether the kernel walked to the end of the map: a
+        caller draining in chunks stops there rather than walking every bucket once more only
+        to be told the map is empty."""
         return self._batch(BPF_MAP_LOOKUP_AND_DELETE_BATCH, keys_buf, values_buf,
                            self.max_entries if capacity is None else capacity)
 
     def lookup_batch(self, keys_buf, values_buf) -> int:
         """Copy every entry (an array's: all of them) into buffers sized max_entries."""
-        return self._batch(BPF_MAP_LOOKUP_BATCH, keys_buf, values_buf, self.max_entries)
+        return self._batch(BPF_MAP_LOOKUP_BATCH, keys_buf, values_buf, self.max_entries)[0]
 
-    def _batch(self, cmd: int, keys_buf, values_buf, capacity: int) -> int:
-        out_batch = ctypes.create_string_buffer(8)
-        total, first = 0, True
-        attr = bytearray(56)
+    def _batch(self, cmd: int, keys_buf, values_buf, capacity: int) -> tuple[int, bool]:
+        """(entries moved, end of the map reached)."""
+        attr, out_batch = self._batch_attr, self._out_batch
+        total, first, ended = 0, True, False
         while total < capacity:
             struct.pack_into("<QQQQIIQQ", attr, 0, 0 if first else _ptr(out_batch),
                              _ptr(out_batch), _ptr(keys_buf) + total * self.key_size,
@@ -213,6 +223,7 @@ class Map:
             count = struct.unpack_from("<I", attr, 32)[0]
             total += count
             if err == 2:  # ENOENT: the end of the map
+                ended = True
                 break
             if err == 28 and total:  # ENOSPC: the next bucket does not fit what is left
                 break
@@ -220,7 +231,7 @@ class Map:
                 raise BpfError(err, f"batch command {cmd}: {os.strerror(err)}")
             if count == 0:
                 break
-        return total
+        return total, ended
 
     def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
         """Write ``count`` entries at once (keys and values packed back to back)."""
@@ -237,9 +248,10 @@ class Map:
     def per_cpu_sums(self, fmt: str = "<Q") -> list[int]:
         """A per-CPU array's values, each summed over CPUs, by index: one call for the whole
         array where the kernel has batch lookups (5.6), one per element otherwise."""
-        keys = ctypes.create_string_buffer(self.key_size * self.max_entries)
-        values = ctypes.create_string_buffer(self.value_size * self.max_entries)
-        item = struct.Struct(fmt)
+        if self._sum_bufs is None:  # read every drain: allocated once
+            self._sum_bufs = (ctypes.create_string_buffer(self.key_size * self.max_entries),
+                              ctypes.create_string_buffer(self.value_size * self.max_entries))
+        keys, values = self._sum_bufs
         sums = [0] * self.max_entries
         try:
             n = self.lookup_batch(keys, values)
@@ -248,12 +260,15 @@ class Map:
                 raise
             return [sum(self.per_cpu_values(struct.pack("<I", i), fmt))
                     for i in range(self.max_entries)]
-        raw = values.raw
+        cpus = self.value_size // self.slot_size
+        # One unpack per element: its value on every CPU (slots padded to 8 bytes).
+        order, item = (fmt[0], fmt[1:]) if fmt[0] in "@=<>!" else ("", fmt)
+        pad = "x" * (self.slot_size - struct.calcsize(fmt))
+        slot = struct.Struct(order + (item + pad) * cpus)
+        raw = ctypes.string_at(values, self.value_size * n)
         for j in range(n):
             index = struct.unpack_from("<I", keys, j * self.key_size)[0]
-            base = j * self.value_size
-            sums[index] = sum(item.unpack_from(raw, base + c * self.slot_size)[0]
-                              for c in range(self.value_size // self.slot_size))
+            sums[index] = sum(slot.unpack_from(raw, j * self.value_size))
         return sums
 
     def per_cpu_values(self, key: bytes, fmt: str = "<Q") -> list[int]:

@@ -31,11 +31,18 @@ class MapEntry:
 
 
 def read_stat(pid: int, proc: str = "/proc") -> ProcStat | None:
+    # os.open/os.read: read every few seconds for each sampled process, and a buffered file
+    # object costs more than the read itself.
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as fh:
-            raw = fh.read(4096)
+        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        raw = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # comm sits between the first "(" and the last ")": it may itself contain ")" and spaces.
     open_at, close_at = raw.find(b"("), raw.rfind(b")")
     if open_at < 0 or close_at < open_at:

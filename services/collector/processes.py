@@ -12,6 +12,7 @@ import bisect
 import os
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.collector import proc
@@ -23,6 +24,10 @@ REREAD_MAPS_AFTER = 1.0  # at most one maps re-read a second per process, whatev
 EXEC_RETRY_SECONDS = 0.02  # the wait before reading a process in execve again
 EXEC_RETRY_EVERY = 0.2  # at most one such wait per this many seconds
 MAX_PROCESSES = 32768
+# Addresses remembered per process as already checked against its mappings (see observe):
+# beyond this many the set starts again, so memory stays bounded for a process that runs code
+# from everywhere.
+CHECKED_MAX = 65536
 
 
 @dataclass
@@ -37,6 +42,12 @@ class ProcessInfo:
     last_seen: float = 0.0
     last_published: float = 0.0
     maps_read_at: float = 0.0
+    # Sampled addresses already checked against these mappings: inside one, or outside every
+    # one when the maps were read again and had not changed (JIT code, vsyscall). A process
+    # keeps running the same code, so most drains check nothing new. Both belong to these
+    # mappings: a re-read or a reused pid makes a new ProcessInfo, and starts them empty.
+    covered: set[int] = field(default_factory=set)
+    outside: set[int] = field(default_factory=set)
 
     def covers(self, address: int) -> bool:
         i = bisect.bisect_right(self.starts, address) - 1
@@ -59,7 +70,8 @@ class ProcessTable:
         self.processes: dict[int, ProcessInfo] = {}
         self._last_retry = -1e9
 
-    def observe(self, pid: int, user_addresses: list[int], now: float | None = None) -> dict | None:
+    def observe(self, pid: int, user_addresses: Iterable[int],
+                now: float | None = None) -> dict | None:
         """Note that pid was sampled at these addresses; return its metadata if it must be
         (re)published now, else None."""
         now = time.monotonic() if now is None else now
@@ -83,7 +95,17 @@ class ProcessTable:
         info.last_seen = now
         if now - info.maps_read_at < REREAD_MAPS_AFTER:
             return None
-        if all(info.covers(a) for a in user_addresses):
+        if not isinstance(user_addresses, (set, frozenset)):
+            user_addresses = set(user_addresses)
+        unchecked = user_addresses - info.covered - info.outside
+        if not unchecked:
+            return None
+        covered, covers = info.covered, info.covers
+        if len(covered) + len(unchecked) > CHECKED_MAX:
+            covered.clear()
+        unknown = [a for a in unchecked if not covers(a)]
+        covered.update(unchecked.difference(unknown))
+        if not unknown:
             return None
         fresh = self._read(pid, now)
         if fresh is None:
@@ -91,7 +113,12 @@ class ProcessTable:
         if fresh.start_time != info.start_time:
             self._count("pid_reuses_total")
         elif [m["start"] for m in fresh.mappings] == info.starts:
-            info.maps_read_at = now  # an address outside every file mapping (JIT, vsyscall)
+            # Outside every file mapping (JIT, vsyscall): not a reason to read the maps again
+            # every second while the process keeps running that code; a new address still is.
+            info.maps_read_at = now
+            if len(info.outside) + len(unknown) > CHECKED_MAX:
+                info.outside.clear()
+            info.outside.update(unknown)
             return None
         else:
             self._count("process_remaps_total")

@@ -81,7 +81,7 @@ class Collector:
                 self.drain_once()
                 next_drain = max(next_drain + DRAIN_INTERVAL, now + DRAIN_INTERVAL / 2)
             if self.heartbeat.due():
-                self.heartbeat.send(self.pub)
+                self.send_heartbeat()
             if now >= next_forget:
                 self.processes.forget_idle()
                 next_forget = now + FORGET_EVERY
@@ -118,49 +118,64 @@ class Collector:
         started = time.perf_counter()
         entries = self.sampler.drain_counts()
         now_ns = time.time_ns()
+        take_stack = self.sampler.take_stack
         stacks: list[list[int]] = []
-        index_of: dict[int, int] = {}
-        kernel_ids: set[int] = set()
-        lost = 0
-        for e in entries:
-            for sid in (e.user_stack_id, e.kernel_stack_id):
-                if sid >= 0 and sid not in index_of:
-                    addresses = self.sampler.take_stack(sid)
+        index_of: dict[int, int] = {}  # stack id -> index in stacks, -1 when it was lost
+        kernel_indexes: set[int] = set()
+        records = []
+        user_stacks: dict[int, set[int]] = {}  # pid -> indexes of its user stacks
+        samples: dict[int, int] = {}
+        lost = total = 0
+        # One pass over the entries: every stack is taken once, however many entries name it.
+        for pid, tid, cgroup_id, user_id, kernel_id, count in entries:
+            u = k = -1
+            if user_id >= 0:
+                u = index_of.get(user_id, -2)
+                if u == -2:
+                    addresses = take_stack(user_id)
                     if addresses is None:
                         lost += 1
-                        index_of[sid] = -1
+                        u = -1
                     else:
-                        index_of[sid] = len(stacks)
+                        u = len(stacks)
                         stacks.append(addresses)
-            if e.kernel_stack_id >= 0:
-                kernel_ids.add(e.kernel_stack_id)
+                    index_of[user_id] = u
+            if kernel_id >= 0:
+                k = index_of.get(kernel_id, -2)
+                if k == -2:
+                    addresses = take_stack(kernel_id)
+                    if addresses is None:
+                        lost += 1
+                        k = -1
+                    else:
+                        k = len(stacks)
+                        stacks.append(addresses)
+                    index_of[kernel_id] = k
+                if k >= 0:
+                    kernel_indexes.add(k)
+            records.append([pid, tid, cgroup_id, u, k, count])
+            samples[pid] = samples.get(pid, 0) + count
+            total += count
+            mine = user_stacks.get(pid)
+            if mine is None:
+                mine = user_stacks[pid] = set()
+            if u >= 0:
+                mine.add(u)
 
         kernel_symbols: dict[int, str] = {}
-        for sid in kernel_ids:
-            i = index_of[sid]
-            if i >= 0:
-                for address in stacks[i]:
-                    if address not in kernel_symbols:
-                        kernel_symbols[address] = self.kernel.name(address)
-
-        records = []
-        user_addresses: dict[int, set[int]] = {}
-        samples: dict[int, int] = {}
-        total = 0
-        for e in entries:
-            samples[e.pid] = samples.get(e.pid, 0) + e.count
-            u = index_of.get(e.user_stack_id, -1) if e.user_stack_id >= 0 else -1
-            k = index_of.get(e.kernel_stack_id, -1) if e.kernel_stack_id >= 0 else -1
-            records.append([e.pid, e.tid, e.cgroup_id, u, k, e.count])
-            total += e.count
-            if u >= 0:
-                user_addresses.setdefault(e.pid, set()).update(stacks[u])
-            else:
-                user_addresses.setdefault(e.pid, set())
+        name = self.kernel.name
+        for i in kernel_indexes:
+            for address in stacks[i]:
+                if address not in kernel_symbols:
+                    kernel_symbols[address] = name(address)
 
         # Metadata first, so a subscriber knows a process before its first samples arrive.
-        for pid, addresses in user_addresses.items():
-            body = self.processes.observe(pid, list(addresses))
+        observe = self.processes.observe
+        for pid, indexes in user_stacks.items():
+            addresses: set[int] = set()
+            for i in indexes:
+                addresses.update(stacks[i])
+            body = observe(pid, addresses)
             if body is not None:
                 self._send("process", body)
                 if self.unwinder is not None:  # new, remapped or reused: (re)load its tables
@@ -171,7 +186,6 @@ class Collector:
         problems = self._update_problems(lost)
         if self.unwinder is not None:
             self.unwinder.note_samples(samples)
-            self.unwinder.report()
         if records:
             self._send("samples", {
                 "time_ns": now_ns, "duration_ns": now_ns - self._last_drain_ns,
@@ -186,6 +200,14 @@ class Collector:
         m.inc("stacks_resolved_total", len(stacks))
         m.set("processes_tracked", len(self.processes.processes))
         m.set("drain_seconds", time.perf_counter() - started)
+
+    def send_heartbeat(self) -> None:
+        # The unwinder's kernel counters are read here rather than every drain: they only
+        # reach anyone through heartbeats, and reading them is a per-CPU syscall plus a dozen
+        # metric updates.
+        if self.unwinder is not None:
+            self.unwinder.report()
+        self.heartbeat.send(self.pub)
 
     def _update_problems(self, stacks_lost: int) -> dict[str, int]:
         current = self.sampler.read_problems()
