@@ -9,14 +9,21 @@ import time
 import pytest
 
 from services import wire
-from services.collector import proc
+from services.collector import proc, processes
 from services.collector.bpf_program import COUNTS_MAX, COUNTS_MIN, counts_capacity
 from services.collector.build_id import BuildIdCache
 from services.collector.kernel_symbols import KernelSymbols
 from services.collector.processes import ProcessTable
 from tests.conftest import check_bpf
-from tests.helpers.services import (PYTHON, ROOT, Subscriber, service_env, start_service, stop,
-                                    wait_until)
+from tests.helpers.services import (
+    PYTHON,
+    ROOT,
+    Subscriber,
+    service_env,
+    start_service,
+    stop,
+    wait_until,
+)
 from tests.helpers.workload import build_chain_workload
 
 pytestmark = pytest.mark.bpf
@@ -271,6 +278,26 @@ def test_observe_forgets_checked_addresses_when_the_pid_is_reused(tmp_path, monk
     assert reads == [8] and [m["start"] for m in body["mappings"]] == [0x1000, 0x5000]
 
 
+def test_checked_addresses_stay_within_one_budget_for_all_processes(tmp_path, monkeypatch):
+    """Each process's checked set is bounded, and so are all of them together: past the
+    budget they start again (the maps are not read for that: the addresses are inside)."""
+    monkeypatch.setattr(processes, "CHECKED_MAX", 300)
+    monkeypatch.setattr(processes, "CHECKED_BUDGET", 1000)
+    for pid in range(10, 16):
+        _fake_process(tmp_path, pid, 100, [(0x10000, 0x20000)])
+    table = ProcessTable(str(tmp_path), BuildIdCache(), None)
+    reads = _counting_maps_reads(monkeypatch)
+    for pid in range(10, 16):
+        assert table.observe(pid, {0x10000}, now=0.0) is not None
+    for pid in range(10, 16):
+        assert table.observe(pid, set(range(0x10000, 0x10000 + 250)), now=2.0) is None
+    sizes = [len(i.covered) + len(i.outside) for i in table.processes.values()]
+    assert max(sizes) <= 300 and sum(sizes) <= 1000
+    assert len(reads) == 6  # the first reads only: nothing was outside the mappings
+    # Still correct after the reset: a new address outside is a reason to read the maps.
+    assert table.observe(10, {0x30000}, now=4.0) is None and len(reads) == 7
+
+
 def test_count_map_is_sized_for_what_the_cpus_can_sample():
     """Every drain walks every bucket of the count map: a small host gets a smaller map, still
     with many seconds of room; a large one keeps the cap."""
@@ -278,3 +305,24 @@ def test_count_map_is_sized_for_what_the_cpus_can_sample():
     assert counts_capacity(1000, 4) == 65536 == COUNTS_MAX  # 64,000 in 16 s
     assert counts_capacity(100, 256) == COUNTS_MAX
     assert counts_capacity(100, 16) == 32768  # 25,600 rounded up to a power of two
+
+
+def test_agent_processes_are_told_by_their_run_dir_in_environ():
+    """The collector builds no unwind tables for the agent's own processes, which it tells by
+    the PARCA_AGENT_RUN_DIR they inherit: exactly that entry, read from the real /proc."""
+    env = dict(os.environ, PARCA_AGENT_RUN_DIR="/run/agent-a")
+    child = subprocess.Popen(["sleep", "30"], env=env)
+    try:
+        # Until its exec the child's environ is the parent's, and in the middle of it empty.
+        deadline = time.monotonic() + 10
+        while ((st := proc.read_stat(child.pid)) is None or st.comm != "sleep"
+               or not proc.has_environ_entry(child.pid, b"PATH=" + os.environ["PATH"].encode())):
+            assert time.monotonic() < deadline, "sleep did not start"
+            time.sleep(0.01)
+        assert proc.has_environ_entry(child.pid, b"PARCA_AGENT_RUN_DIR=/run/agent-a")
+        assert not proc.has_environ_entry(child.pid, b"PARCA_AGENT_RUN_DIR=/run/agent")
+        assert not proc.has_environ_entry(child.pid, b"PARCA_AGENT_RUN_DIR=/run/agent-b")
+    finally:
+        child.kill()
+        child.wait()
+    assert not proc.has_environ_entry(child.pid, b"PARCA_AGENT_RUN_DIR=/run/agent-a")  # gone

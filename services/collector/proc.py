@@ -56,6 +56,18 @@ def read_stat(pid: int, proc: str = "/proc") -> ProcStat | None:
     return ProcStat(comm=comm, start_time=start_time)
 
 
+MAX_ENVIRON_BYTES = 1 << 20
+
+
+def has_environ_entry(pid: int, entry: bytes, proc: str = "/proc") -> bool:
+    """Whether the process started with ``entry`` (``NAME=value``) in its environment."""
+    try:
+        with open(f"{proc}/{pid}/environ", "rb") as fh:
+            return entry in fh.read(MAX_ENVIRON_BYTES).split(b"\0")
+    except OSError:
+        return False
+
+
 def read_exe(pid: int, proc: str = "/proc") -> str:
     try:
         return os.readlink(f"{proc}/{pid}/exe")

@@ -26,8 +26,11 @@ EXEC_RETRY_EVERY = 0.2  # at most one such wait per this many seconds
 MAX_PROCESSES = 32768
 # Addresses remembered per process as already checked against its mappings (see observe):
 # beyond this many the set starts again, so memory stays bounded for a process that runs code
-# from everywhere.
-CHECKED_MAX = 65536
+# from everywhere. Starting again costs only the checks this saves.
+CHECKED_MAX = 16384
+# And across all processes (about 70 bytes each, so ~18 MB at most): past it every set starts
+# again, as a host of many long-running processes would otherwise hold CHECKED_MAX each.
+CHECKED_BUDGET = 262_144
 
 
 @dataclass
@@ -69,6 +72,7 @@ class ProcessTable:
         self.metrics = metrics
         self.processes: dict[int, ProcessInfo] = {}
         self._last_retry = -1e9
+        self._checked = 0  # addresses added to the checked sets since they were last counted
 
     def observe(self, pid: int, user_addresses: Iterable[int],
                 now: float | None = None) -> dict | None:
@@ -105,6 +109,7 @@ class ProcessTable:
             covered.clear()
         unknown = [a for a in unchecked if not covers(a)]
         covered.update(unchecked.difference(unknown))
+        self._note_checked(len(unchecked))
         if not unknown:
             return None
         fresh = self._read(pid, now)
@@ -125,6 +130,21 @@ class ProcessTable:
         fresh.last_seen = fresh.last_published = now
         self._remember(fresh)
         return fresh.body()
+
+    def _note_checked(self, added: int) -> None:
+        """Keep the checked sets of all processes within CHECKED_BUDGET. The running sum only
+        grows (sets shrink when processes are forgotten or read again): recount it once it
+        passes the budget, and empty every set if the recount does too."""
+        self._checked += added
+        if self._checked <= CHECKED_BUDGET:
+            return
+        self._checked = sum(len(i.covered) + len(i.outside) for i in self.processes.values())
+        if self._checked > CHECKED_BUDGET:
+            for info in self.processes.values():
+                info.covered.clear()
+                info.outside.clear()
+            self._checked = 0
+            self._count("checked_addresses_reset_total")
 
     def due_republish(self, now: float | None = None) -> list[dict]:
         """Metadata of the processes sampled lately that were not published for a while.

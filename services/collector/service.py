@@ -11,13 +11,14 @@ import time
 import zmq
 
 from services import runtime, wire
+from services.collector import proc
 from services.collector.binary_cache import BinaryCache
 from services.collector.bpf_program import PROBLEM_NAMES, CpuSampler
 from services.collector.build_id import BuildIdCache
 from services.collector.kernel_symbols import KernelSymbols
 from services.collector.processes import ProcessTable
 from services.collector.unwind.loader import UnwindLoader
-from services.settings import Settings
+from services.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("parca_agent.collector")
 
@@ -62,6 +63,7 @@ class Collector:
             self.unwinder.start()
         self._last_drain_ns = time.time_ns()
         self.filtering = False
+        self._agent_marker = f"{ENV_PREFIX}RUN_DIR={settings.run_dir}".encode()
 
     def run(self, stop: runtime.StopFlag) -> None:
         log.info("sampling every CPU at %d Hz; raw stream on %s", self.settings.sampling_frequency,
@@ -178,7 +180,9 @@ class Collector:
             body = observe(pid, addresses)
             if body is not None:
                 self._send("process", body)
-                if self.unwinder is not None:  # new, remapped or reused: (re)load its tables
+                # New, remapped or reused: (re)load its tables, unless it is one of the agent's
+                # own processes.
+                if self.unwinder is not None and not self._is_agent(pid):
                     self.unwinder.request(pid, samples.get(pid, 1))
         for body in self.processes.due_republish():
             self._send("process", body)
@@ -200,6 +204,13 @@ class Collector:
         m.inc("stacks_resolved_total", len(stacks))
         m.set("processes_tracked", len(self.processes.processes))
         m.set("drain_seconds", time.perf_counter() - started)
+
+    def _is_agent(self, pid: int) -> bool:
+        """One of this agent's processes (they all inherit PARCA_AGENT_RUN_DIR from the
+        supervisord that `parca-agent` starts). They are sampled like any other, with frame
+        pointers only: their tables would cover grpc, protobuf, ZeroMQ and LLVM (bcc), about
+        a second of CPU each the first time a service is sampled, for stacks of the agent."""
+        return proc.has_environ_entry(pid, self._agent_marker, self.settings.proc_path)
 
     def send_heartbeat(self) -> None:
         # The unwinder's kernel counters are read here rather than every drain: they only
