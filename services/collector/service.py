@@ -128,33 +128,28 @@ class Collector:
         user_stacks: dict[int, set[int]] = {}  # pid -> indexes of its user stacks
         samples: dict[int, int] = {}
         lost = total = 0
+
+        def index(stack_id: int) -> int:
+            """The stack's index in stacks, taken from the map on its first use; -1: lost."""
+            nonlocal lost
+            i = index_of.get(stack_id, -2)
+            if i == -2:
+                addresses = take_stack(stack_id)
+                if addresses is None:
+                    lost += 1
+                    i = -1
+                else:
+                    i = len(stacks)
+                    stacks.append(addresses)
+                index_of[stack_id] = i
+            return i
+
         # One pass over the entries: every stack is taken once, however many entries name it.
         for pid, tid, cgroup_id, user_id, kernel_id, count in entries:
-            u = k = -1
-            if user_id >= 0:
-                u = index_of.get(user_id, -2)
-                if u == -2:
-                    addresses = take_stack(user_id)
-                    if addresses is None:
-                        lost += 1
-                        u = -1
-                    else:
-                        u = len(stacks)
-                        stacks.append(addresses)
-                    index_of[user_id] = u
-            if kernel_id >= 0:
-                k = index_of.get(kernel_id, -2)
-                if k == -2:
-                    addresses = take_stack(kernel_id)
-                    if addresses is None:
-                        lost += 1
-                        k = -1
-                    else:
-                        k = len(stacks)
-                        stacks.append(addresses)
-                    index_of[kernel_id] = k
-                if k >= 0:
-                    kernel_indexes.add(k)
+            u = index(user_id) if user_id >= 0 else -1
+            k = index(kernel_id) if kernel_id >= 0 else -1
+            if k >= 0:
+                kernel_indexes.add(k)
             records.append([pid, tid, cgroup_id, u, k, count])
             samples[pid] = samples.get(pid, 0) + count
             total += count
