@@ -340,6 +340,7 @@ def test_a_repeated_process_message_is_taken_once_and_a_changed_one_again():
     agg.add_process(dict(process(7, comm="renamed"),
                          mappings=[exe, dict(exe, start=0x6000, limit=0x7000)]))  # dlopen
     assert [m.start for m in agg.processes[7].mappings] == [0x1000, 0x6000]
-    agg.add_process(dict(process(7, comm="renamed"), pid=7.0,
+    agg.add_process(dict(process(7, comm="again"), pid=7.0,
                          mappings=[exe, dict(exe, start=0x6000, limit=0x7000)]))
+    assert agg.processes[7].comm == "again"  # changed, so made again: from a float pid
     assert type(agg.processes[7].pid) is int

@@ -138,7 +138,7 @@ class WindowAggregator:
     def _add_process(self, body: dict) -> None:
         source = (body["start_time"], body["comm"], body["executable"], body["mappings"])
         known = self.processes.get(body["pid"])
-        if known is not None and known.source == source and type(body["pid"]) is int:
+        if known is not None and known.source == source:
             known.last_used = time.monotonic()
             return
         mappings, cache_paths = [], []

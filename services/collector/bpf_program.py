@@ -15,7 +15,6 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import NamedTuple
 
 from services.collector import bpf_syscalls as bs
 from services.collector.loader import LoadError, load
@@ -109,15 +108,9 @@ def check_environment() -> None:
                              "a kernel built with CONFIG_BPF_SYSCALL is needed")
 
 
-class CountEntry(NamedTuple):
-    """One drained count. drain_counts() returns plain tuples in this order (building a
-    named tuple or dataclass per entry costs more than the rest of its unpacking)."""
-    pid: int
-    tid: int
-    cgroup_id: int
-    user_stack_id: int
-    kernel_stack_id: int
-    count: int
+# One drained count: (pid, tid, cgroup_id, user_stack_id, kernel_stack_id, count). Plain
+# tuples: building a named tuple or dataclass per entry costs more than its unpacking.
+CountEntry = tuple[int, int, int, int, int, int]
 
 
 MAPS = ("counts", "stack_traces", "filter_cgroups", "filter_pids", "filter_enabled", "problems")
@@ -195,9 +188,9 @@ class CpuSampler:
             tail_calls = [("unwind_programs", 0, "unwind_user_stack")]
         return load(BPF_SOURCE.read_text(), cflags, ["on_cpu_sample"], maps, tail_calls)
 
-    def drain_counts(self) -> list[tuple[int, int, int, int, int, int]]:
-        """Take every count out of the kernel map (lookup-and-delete): tuples laid out as
-        CountEntry; an unwound user stack's id is UNWOUND_STACK_BASE + its hash."""
+    def drain_counts(self) -> list[CountEntry]:
+        """Take every count out of the kernel map (lookup-and-delete); an unwound user
+        stack's id is UNWOUND_STACK_BASE + its hash."""
         if self._batch_ok:
             try:
                 return self._drain_batch()
@@ -208,7 +201,7 @@ class CpuSampler:
                 self._batch_ok = False  # an older kernel: iterate-and-delete from now on
         return self._drain_iterate()
 
-    def _drain_batch(self) -> list[tuple[int, int, int, int, int, int]]:
+    def _drain_batch(self) -> list[CountEntry]:
         total = self.counts.lookup_and_delete_batch(self._keys, self._values)
         if self.unwinding:
             self._drain_unwound_stacks()
@@ -220,7 +213,7 @@ class CpuSampler:
                 for (pid, tid, cgroup, user, kernel, unwound), (count,)
                 in zip(KEY.iter_unpack(keys), VALUE.iter_unpack(values))]
 
-    def _drain_iterate(self) -> list[tuple[int, int, int, int, int, int]]:
+    def _drain_iterate(self) -> list[CountEntry]:
         entries = []
         for key in self.counts.keys():
             value = self.counts.lookup(key)

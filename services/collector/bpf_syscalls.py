@@ -113,7 +113,8 @@ class Map:
         self._next = ctypes.create_string_buffer(key_size)
         self._value = ctypes.create_string_buffer(self.value_size)
         self._take_ok = True  # lookup-and-delete of one element; stack maps have it since 6.x
-        # Reused by every batch call (several a drain): no allocation per call.
+        # Reused by every batch call (several a drain): no allocation per call. So one map's
+        # batch calls must come from one thread (the drain's; the loader only updates tables).
         self._batch_attr = bytearray(56)
         self._out_batch = ctypes.create_string_buffer(8)
         self._sum_bufs = None
