@@ -193,3 +193,31 @@ def test_samples_by_location_ids_build_what_add_sample_builds():
                                 tuple(sorted(labels.items())))
     assert by_ids.sample_count == reference.sample_count == 9
     assert by_ids.build() == reference.build()
+
+
+def test_samples_added_many_at_once_carry_their_own_labels_and_counts(tmp_path):
+    """add_many: each sample keeps its location ids, count (and count x period) and labels;
+    one label set per distinct values; samples from add_location_ids come out too."""
+    builder = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    kernel = builder.kernel_location(*SYSCALL)
+    leaf, main = builder.user_locations([LEAF[1], MAIN[1]], [EXE, EXE], [LEAF[2], MAIN[2]])
+    builder.add_location_ids((leaf, main), 1, (("pid", 5), ("thread", 50)))
+    builder.add_many(iter([(kernel, leaf, main), (leaf, main), (main,)]), [3, 4, 5],
+                     ("pid", "thread"), [(7, 70), (7, 71), (7, 70)])
+    assert builder.sample_count == 13
+    p = parse(builder.build())
+    strings = list(p.string_table)
+    got = sorted((tuple(s.location_id), tuple(s.value),
+                  tuple(sorted((strings[label.key], label.num) for label in s.label)))
+                 for s in p.sample)
+    assert got == sorted([
+        ((leaf, main), (1, PERIOD), (("pid", 5), ("thread", 50))),
+        ((kernel, leaf, main), (3, 3 * PERIOD), (("pid", 7), ("thread", 70))),
+        ((leaf, main), (4, 4 * PERIOD), (("pid", 7), ("thread", 71))),
+        ((main,), (5, 5 * PERIOD), (("pid", 7), ("thread", 70)))])
+    path = tmp_path / "many.pb.gz"
+    path.write_bytes(builder.build())
+    require_tool("go")
+    traces = pprof("-traces", path=path)
+    assert traces.count("thread:  70") == 2 and traces.count("thread:  71") == 1, traces
+    assert "50ms   main\n" in traces and "40ms   leaf\n" in traces, traces

@@ -78,6 +78,7 @@ class ProfileBuilder:
         self._function_ids: dict[tuple[str, str], int] = {}
         self._functions: list[tuple[int, int]] = []  # (name index, file index)
         self._samples: dict[tuple[tuple[int, ...], LabelKey], int] = {}
+        self._batches: list[tuple[list[tuple[int, ...]], list[LabelKey], list[int]]] = []
         self._sample_total = 0
 
     @property
@@ -174,6 +175,18 @@ class ProfileBuilder:
         samples[key] = samples.get(key, 0) + count
         self._sample_total += count
 
+    def add_many(self, location_ids: Iterable[tuple[int, ...]], counts: list[int],
+                 label_names: tuple[str, ...], label_values: list[tuple[str | int, ...]]) -> None:
+        """Samples by location ids (as add_location_ids), one per count; each sample's labels
+        are ``label_names`` with its tuple of ``label_values``. Not merged with each other or
+        with other samples: callers pass distinct samples, and pprof readers add up samples
+        of equal stacks and labels anyway."""
+        label_keys = {values: tuple(sorted(zip(label_names, values)))
+                      for values in dict.fromkeys(label_values)}
+        self._batches.append((list(location_ids), list(map(label_keys.__getitem__, label_values)),
+                              counts))
+        self._sample_total += sum(counts)
+
     def build(self) -> bytes:
         """The gzipped serialized Profile."""
         profile = profile_pb2.Profile()
@@ -187,13 +200,21 @@ class ProfileBuilder:
         profile.duration_nanos = self.duration_ns
 
         period = self.period_ns
-        label_messages: dict[LabelKey, list[profile_pb2.Label]] = {}
+        label_messages: dict[LabelKey, list[dict[str, int]]] = {}
+        labels = self._labels
         add_sample = profile.sample.add
         for (ids, label_key), count in self._samples.items():
-            labels = label_messages.get(label_key)
-            if labels is None:
-                labels = label_messages[label_key] = self._labels(label_key)
-            add_sample(location_id=ids, value=(count, count * period), label=labels)
+            label = label_messages.get(label_key)
+            if label is None:
+                label = label_messages[label_key] = labels(label_key)
+            add_sample(location_id=ids, value=(count, count * period), label=label)
+        for location_ids, label_keys, counts in self._batches:
+            for label_key in dict.fromkeys(label_keys):
+                if label_key not in label_messages:
+                    label_messages[label_key] = labels(label_key)
+            for ids, label, count in zip(location_ids, map(label_messages.__getitem__, label_keys),
+                                         counts):
+                add_sample(location_id=ids, value=(count, count * period), label=label)
 
         self._add_mappings(profile)
         add_location = profile.location.add
@@ -269,12 +290,9 @@ class ProfileBuilder:
                                 has_filenames=index in self._files_mappings,
                                 has_line_numbers=index in self._lines_mappings, **fields)
 
-    def _labels(self, label_key: LabelKey) -> list[profile_pb2.Label]:
+    def _labels(self, label_key: LabelKey) -> list[dict[str, int]]:
+        # Dicts, not Label messages: upb makes the sample's labels from dicts faster than it
+        # copies messages (0.12 s against 0.15 s for 50,000 samples of two labels).
         string = self._string
-        labels = []
-        for key, value in label_key:
-            if isinstance(value, int):
-                labels.append(profile_pb2.Label(key=string(key), num=value))
-            else:
-                labels.append(profile_pb2.Label(key=string(key), str=string(value)))
-        return labels
+        return [{"key": string(key), "num": value} if isinstance(value, int)
+                else {"key": string(key), "str": string(value)} for key, value in label_key]

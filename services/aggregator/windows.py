@@ -22,7 +22,7 @@ from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
-from operator import is_
+from operator import add, itemgetter
 
 from services.aggregator.profile_builder import Frame, MappingInfo, ProfileBuilder
 from services.aggregator.symbols import Symbolizer
@@ -293,45 +293,40 @@ class WindowAggregator:
         period_ns = int(1e9 / self.frequency)
         builder = ProfileBuilder(period_ns, window.start_ns, window.end_ns - window.start_ns)
         stacks = window.stack_list()
-        group_of, resolved = self._symbolize(target, stacks)
-        kernel_names = self.kernel_names
-        kernel_location, user_locations = builder.kernel_location, builder.user_locations
-        kernel_address_ids = builder.kernel_location_ids
-        add = builder.add_location_ids
-        per_process = target.per_process
-        # Location ids of each stack, worked out once per window and target (a user stack
-        # once per address layout: the same addresses mean other code in another layout), in
-        # the order the samples came, so that ids are as when each sample resolved its own.
-        kernel_ids: dict[int, tuple[int, ...]] = {0: ()}
-        user_ids: dict[tuple[int, int], tuple[int, ...]] = {}
-        address_ids: dict[int, dict[int, int]] = {}  # layout group -> address -> location id
-        for (_index, pid, tid, uid, kid), count in target.stacks:
-            kernel = kernel_ids.get(kid)
-            if kernel is None:
-                stack = stacks[kid]
-                kernel = tuple(map(kernel_address_ids.get, stack))
-                if None in kernel:
-                    # kernel_location, in stack order: a recursion repeats an address
-                    kernel = tuple([kernel_location(a, kernel_names.get(a, "[unknown]"))
-                                    for a in stack])
-                kernel_ids[kid] = kernel
-            group = group_of[pid]
-            user = user_ids.get((group, uid))
-            if user is None:
-                ids = address_ids.get(group)
-                if ids is None:
-                    ids = address_ids[group] = {}
-                stack = stacks[uid]
-                user = tuple(map(ids.get, stack))
-                if None in user:
-                    new = list(dict.fromkeys(compress(stack, map(is_, user, _NONES))))
-                    mappings, names = resolved.get(group, _UNRESOLVED)
-                    ids.update(zip(new, user_locations(new, map(mappings.get, new),
-                                                       map(names.get, new))))
-                    user = tuple(map(ids.__getitem__, stack))
-                user_ids[(group, uid)] = user
-            add(kernel + user, count,
-                (("thread", tid),) if per_process else (("pid", pid), ("thread", tid)))
+        # The target's samples as columns, in the order they came (the profile's order).
+        keys = [key for key, _ in target.stacks]
+        pids = [key[1] for key in keys]
+        group_of, metas = self._layout_groups(pids)
+        user_keys = list(zip(map(group_of.__getitem__, pids), [key[3] for key in keys]))
+        kernel_keys = [key[4] for key in keys]
+        # Each layout group's distinct user stacks, and its distinct addresses in the order
+        # they first come.
+        stacks_of: dict[int, list[int]] = {}
+        for group, uid in dict.fromkeys(user_keys):
+            if uid:  # 0 is the empty stack
+                stacks_of.setdefault(group, []).append(uid)
+        addresses_of = {group: list(dict.fromkeys(chain.from_iterable(
+            map(stacks.__getitem__, uids)))) for group, uids in stacks_of.items()}
+        # Location ids of each distinct stack, worked out once per window and target (a user
+        # stack once per address layout: the same addresses mean other code in another
+        # layout). Each step is a pass over distinct stacks or addresses, mostly in C.
+        kernel_ids = self._kernel_location_ids(builder, stacks, kernel_keys)
+        user_ids = {(group, 0): () for group in range(len(metas))}
+        for group, uids in stacks_of.items():
+            addresses = addresses_of[group]
+            mappings, frames = self._symbolize(metas[group], stacks, uids, addresses)
+            ids = dict(zip(addresses, builder.user_locations(
+                addresses, map(mappings.get, addresses), map(frames.get, addresses))))
+            get = ids.__getitem__
+            user_ids.update(((group, uid), tuple(map(get, stacks[uid]))) for uid in uids)
+        # A thread's samples are told apart by tid, and in a target of many processes by pid.
+        if target.per_process:
+            names, values = ("thread",), [key[2:3] for key in keys]
+        else:
+            names, values = ("pid", "thread"), [key[1:3] for key in keys]
+        builder.add_many(map(add, map(kernel_ids.__getitem__, kernel_keys),
+                             map(user_ids.__getitem__, user_keys)),
+                         [count for _, count in target.stacks], names, values)
         profile = {"id": uuid.uuid4().hex, "labels": target.labels, "start_ns": window.start_ns,
                    "end_ns": window.end_ns, "pprof": builder.build(), "samples": target.samples}
         self._count("profiles_built_total")
@@ -339,70 +334,77 @@ class WindowAggregator:
             self.metrics.set("profile_build_seconds", time.perf_counter() - started)
         return profile
 
+    def _kernel_location_ids(self, builder: ProfileBuilder, stacks: list[tuple[int, ...]],
+                             kernel_keys: list[int]) -> dict[int, tuple[int, ...]]:
+        """kernel stack id -> its location ids, for each distinct id of ``kernel_keys``."""
+        distinct = dict.fromkeys(kernel_keys)
+        known = builder.kernel_location_ids
+        names = self.kernel_names
+        for address in dict.fromkeys(chain.from_iterable(map(stacks.__getitem__, distinct))):
+            if address not in known:
+                builder.kernel_location(address, names.get(address, "[unknown]"))
+        get = known.__getitem__
+        return {kid: tuple(map(get, stacks[kid])) for kid in distinct}
+
     def _process_labels(self, pid: int, meta: ProcessMeta | None) -> dict[str, str]:
         return {"node": self.node, "pid": str(pid), "comm": meta.comm if meta else "",
                 "executable": meta.executable if meta else ""}
 
-    def _symbolize(self, target: Target, stacks: list[tuple[int, ...]]
-                   ) -> tuple[dict[int, int],
-                              dict[int, tuple[dict[int, MappingInfo], dict[int, Frame | None]]]]:
-        """pid -> layout group, and group -> (address -> mapping, address -> frame) for the
-        user addresses of the target inside a mapping: each distinct address worked out once
-        per group of processes with one layout, names asked once per mapped file. (Two dicts
-        rather than one of pairs: no object per address for the garbage collector to walk.)"""
+    def _layout_groups(self, pids: list[int]) -> tuple[dict[int, int], list[ProcessMeta | None]]:
+        """pid -> layout group, and each group's process (None: a process we have no message
+        of, a group on its own). Processes of equal layouts (forked workers) share a group."""
         processes = self.processes
         now = time.monotonic()
         group_of: dict[int, int] = {}
         groups: dict[tuple, int] = {}
-        metas: list[ProcessMeta | None] = []  # by group
-        leaves: list[set[int]] = []
-        callers: list[set[int]] = []
-        for pid, uid in dict.fromkeys([(key[1], key[3]) for key, _ in target.stacks]):
-            group = group_of.get(pid)
-            if group is None:
-                meta = processes.get(pid)
-                if meta is not None:
-                    meta.last_used = now
-                layout = meta.layout if meta is not None else ("pid", pid)
-                group = group_of[pid] = groups.setdefault(layout, len(groups))
-                if group == len(metas):
-                    metas.append(meta)
-                    leaves.append(set())
-                    callers.append(set())
-            if uid:
-                stack = stacks[uid]
-                leaves[group].add(stack[0])
-                callers[group].update(stack[1:])
-        resolved = {}
-        for group, meta in enumerate(metas):
-            if meta is None or not (leaves[group] or callers[group]):
+        metas: list[ProcessMeta | None] = []
+        for pid in dict.fromkeys(pids):
+            meta = processes.get(pid)
+            if meta is not None:
+                meta.last_used = now
+            layout = meta.layout if meta is not None else ("pid", pid)
+            group = group_of[pid] = groups.setdefault(layout, len(groups))
+            if group == len(metas):
+                metas.append(meta)
+        return group_of, metas
+
+    def _symbolize(self, meta: ProcessMeta | None, stacks: list[tuple[int, ...]],
+                   uids: list[int], addresses: list[int]
+                   ) -> tuple[dict[int, MappingInfo], dict[int, Frame | None]]:
+        """address -> mapping and address -> frame for the ``addresses`` of one layout group
+        (those of its user stacks ``uids``) that are inside a mapping: names are asked once
+        per mapped file. (Two dicts rather than one of pairs: no object per address for the
+        garbage collector to walk.)"""
+        if meta is None:
+            return _UNRESOLVED
+        # A caller's return address points after its call: look up the call itself. An
+        # address seen both innermost and as a caller is looked up as a caller.
+        group_stacks = list(map(stacks.__getitem__, uids))
+        callers = set(chain.from_iterable(map(_TAIL, group_stacks)))
+        only_leaves = sorted(set(map(_HEAD, group_stacks)) - callers)
+        addresses = sorted(addresses)
+        mappings: dict[int, MappingInfo] = {}
+        frames: dict[int, Frame | None] = {}
+        starts = meta.starts
+        for i, mapping in enumerate(meta.mappings):
+            # The addresses mapping_of gives this mapping: from its start up to its limit
+            # or the next mapping's start, whichever comes first.
+            end = mapping.limit if i + 1 == len(starts) else min(mapping.limit, starts[i + 1])
+            lo = bisect.bisect_left(addresses, mapping.start)
+            hi = bisect.bisect_left(addresses, end, lo)
+            if lo >= hi:
                 continue
-            leaf, caller = leaves[group], callers[group]
-            addresses = sorted(leaf | caller)
-            # A caller's return address points after its call: look up the call itself. An
-            # address seen both innermost and as a caller is looked up as a caller.
-            only_leaves = sorted(leaf - caller)
-            mappings, frames = resolved[group] = {}, {}
-            starts = meta.starts
-            for i, mapping in enumerate(meta.mappings):
-                # The addresses mapping_of gives this mapping: from its start up to its limit
-                # or the next mapping's start, whichever comes first.
-                end = mapping.limit if i + 1 == len(starts) else min(mapping.limit, starts[i + 1])
-                lo = bisect.bisect_left(addresses, mapping.start)
-                hi = bisect.bisect_left(addresses, end, lo)
-                if lo >= hi:
-                    continue
-                inside = addresses[lo:hi]
-                mappings.update(zip(inside, repeat(mapping)))
-                if not mapping.path.startswith("/"):
-                    continue
-                lookups = list(map(_MINUS_ONE, inside))
-                first = bisect.bisect_left(only_leaves, mapping.start)
-                for a in only_leaves[first:bisect.bisect_left(only_leaves, end, first)]:
-                    lookups[bisect.bisect_left(inside, a)] = a
-                candidates = [p for p in (meta.cache_paths[i], mapping.path) if p]
-                frames.update(zip(inside, self.symbolizer.frames(mapping, candidates, lookups)))
-        return group_of, resolved
+            inside = addresses[lo:hi]
+            mappings.update(zip(inside, repeat(mapping)))
+            if not mapping.path.startswith("/"):
+                continue
+            lookups = list(map(_MINUS_ONE, inside))
+            first = bisect.bisect_left(only_leaves, mapping.start)
+            for a in only_leaves[first:bisect.bisect_left(only_leaves, end, first)]:
+                lookups[bisect.bisect_left(inside, a)] = a
+            candidates = [p for p in (meta.cache_paths[i], mapping.path) if p]
+            frames.update(zip(inside, self.symbolizer.frames(mapping, candidates, lookups)))
+        return mappings, frames
 
     def _forget_processes(self) -> None:
         cutoff = time.monotonic() - PROCESS_TTL
@@ -422,7 +424,8 @@ _SEQUENCES = frozenset((list, tuple))
 _NO_STACKS: dict[tuple[int, ...], int] = {(): 0}
 _UNRESOLVED: tuple[dict, dict] = ({}, {})  # the process is unknown: no mapping, no frame
 _MINUS_ONE = (1).__rsub__  # a -> a - 1, in C
-_NONES = repeat(None)  # endless, for map(), which stops with its shortest input
+_HEAD = itemgetter(0)  # a stack's innermost frame
+_TAIL = itemgetter(slice(1, None))  # its callers
 
 
 @contextmanager
@@ -482,3 +485,4 @@ def _records(records, n_stacks: int) -> list[list[int]] | None:
             and max(kernels) < n_stacks and 0 < min(counts) and max(counts) < _U32):
         raise ValueError("record out of range")
     return columns
+
