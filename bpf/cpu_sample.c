@@ -3,7 +3,8 @@
 // collector only drains aggregates; unprofiled work costs one filter lookup.
 //
 // The collector compiles this with BCC and sets, with -D: COUNTS_MAX, STACKS_MAX, FILTER_MAX,
-// and DWARF_UNWIND (0 or 1) with, when 1, UNWIND_ROWS_MAX and UNWIND_PROCESSES_MAX.
+// and DWARF_UNWIND (0 or 1) with, when 1, UNWIND_ROWS_MAX, UNWIND_PROCESSES_MAX and
+// UNWOUND_STACKS_MAX.
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
 
@@ -163,7 +164,7 @@ enum unwind_stat {
 BPF_ARRAY(unwind_rows, struct unwind_row, UNWIND_ROWS_MAX);
 BPF_ARRAY(unwind_mappings, struct unwind_mapping, UNWIND_MAPPINGS_MAX);
 BPF_HASH(unwind_processes, u32, struct unwind_process, UNWIND_PROCESSES_MAX);
-BPF_F_TABLE("hash", u64, struct unwound_stack, unwound_stacks, STACKS_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u64, struct unwound_stack, unwound_stacks, UNWOUND_STACKS_MAX, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_state, 1);
 BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STAT_KINDS);
 BPF_PROG_ARRAY(unwind_programs, 1);

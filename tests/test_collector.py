@@ -301,7 +301,8 @@ def test_checked_addresses_stay_within_one_budget_for_all_processes(tmp_path, mo
 def test_count_map_is_sized_for_what_the_cpus_can_sample():
     """Every drain walks every bucket of the count map: a small host gets a smaller map, still
     with many seconds of room; a large one keeps the cap."""
-    assert counts_capacity(100, 2) == COUNTS_MIN  # 3,200 samples in 16 s: the floor
+    assert counts_capacity(100, 2) == COUNTS_MIN == 4096  # 3,200 samples in 16 s: the floor
+    assert counts_capacity(100, 8) == 16384  # 12,800
     assert counts_capacity(1000, 4) == 65536 == COUNTS_MAX  # 64,000 in 16 s
     assert counts_capacity(100, 256) == COUNTS_MAX
     assert counts_capacity(100, 16) == 32768  # 25,600 rounded up to a power of two
