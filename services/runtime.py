@@ -187,14 +187,37 @@ def unlink_endpoint(address: str) -> None:
             pass
 
 
-def pub_socket(ctx: zmq.Context, addresses: Iterable[str], hwm: int = 1000) -> zmq.Socket:
-    """A PUB socket that never blocks its owner: a slow subscriber loses messages at the HWM."""
-    sock = ctx.socket(zmq.PUB)
+def pub_socket(ctx: zmq.Context, addresses: Iterable[str], hwm: int = 1000,
+               subscriptions: bool = False) -> zmq.Socket:
+    """A PUB socket that never blocks its owner: a slow subscriber loses messages at the HWM.
+    subscriptions=True makes it an XPUB that hands every subscription to its owner to read
+    (``new_subscriptions``), even one a subscriber already made: a publisher can then tell a
+    newcomer what it would otherwise only repeat on a timer."""
+    sock = ctx.socket(zmq.XPUB if subscriptions else zmq.PUB)
+    if subscriptions:
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     for a in addresses:
         bind(sock, a)
     return sock
+
+
+def new_subscriptions(sock: zmq.Socket, limit: int = 1000) -> list[bytes]:
+    """The topics subscribed to since the last call, read from a ``subscriptions`` socket.
+    Anything else a peer sends (an XSUB may send any frame) is read and dropped."""
+    topics = []
+    for _ in range(limit):
+        try:
+            frame = sock.recv(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        while sock.getsockopt(zmq.RCVMORE):  # a multipart message is not a subscription
+            sock.recv(flags=zmq.NOBLOCK)
+            frame = b""
+        if frame[:1] == b"\x01":
+            topics.append(frame[1:])
+    return topics
 
 
 def sub_socket(ctx: zmq.Context, addresses: Iterable[str], topics: Iterable[bytes],

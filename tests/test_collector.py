@@ -135,19 +135,25 @@ def test_kernel_frames_come_with_names(collector):
     assert any("syscall" in n.lower() for n in reading), reading
 
 
-def test_process_metadata_is_republished_for_late_subscribers(collector, tmp_path):
+def test_a_late_subscriber_is_told_every_process_when_it_joins(collector, tmp_path):
+    """The collector repeats process metadata on its own only every minute; a subscriber that
+    joins (an aggregator restarting, a tap) is told at the next drain, from its XPUB socket.
+    Two join in turn: the second is served too, not only the first subscription to a topic."""
     run_dir, _, _ = collector
     binary = build_chain_workload(tmp_path)
     workload = subprocess.Popen([str(binary), "0", "100"])
     try:
-        time.sleep(3)  # first published before this subscriber exists
-        sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_PROCESS])
-        again = sub.wait_for(lambda m: m.body["pid"] == workload.pid, 12)
-        sub.close()
+        time.sleep(3)  # first published before these subscribers exist
+        for _ in range(2):
+            sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_PROCESS])
+            # A drain a second, and joins served at most every 2 s: 3 s, and margin.
+            again = sub.wait_for(lambda m: m.body["pid"] == workload.pid, 6)
+            sub.close()
+            assert again is not None, "a late subscriber was not told of a running process"
+            assert again.body["comm"] == binary.name[:15]
     finally:
         workload.kill()
         workload.wait()
-    assert again is not None, "a late subscriber never learned of a running process"
 
 
 def test_dlopen_republishes_the_new_mapping(collector, tmp_path):

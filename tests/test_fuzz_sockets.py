@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 import urllib.request
 
 import msgpack
@@ -201,6 +202,12 @@ def test_collector_survives_fuzzed_targets_and_keeps_sampling(tmp_path, require_
                           or proc.poll() is not None, 60)
         time.sleep(0.5)
         fuzz(pubs, [b"targets"], proc, 300)
+        # Its own socket reads too (an XPUB: subscriptions), and an XSUB can send it any frame.
+        xsub = pubs.ctx.socket(zmq.XSUB)
+        xsub.connect(wire.endpoint(run_dir, wire.ENDPOINT_COLLECTOR))
+        fuzz(types.SimpleNamespace(send=xsub.send_multipart), [b"\x01", b"\x00", b"\x01process"],
+             proc, 200)
+        xsub.close()
         # Filtering off again, then samples must flow.
         pubs.send(wire.Publisher("discovery").encode("targets", {"targets": [],
                                                                   "filtering": False}))

@@ -148,6 +148,41 @@ def test_receive_loop_counts_garbage_on_a_real_socket(tmp_path):
     ctx.destroy(linger=0)
 
 
+def test_a_subscriptions_socket_reports_each_join_and_drops_anything_else(tmp_path):
+    """Real ipc sockets: two subscribers to one topic are both reported (XPUB_VERBOSE), an
+    unsubscribe is not, and frames an XSUB sends that are no subscription are read and
+    dropped without stopping the ones after them; the socket still publishes."""
+    import time
+
+    ctx = zmq.Context()
+    address = wire.endpoint(str(tmp_path), "x.sock")
+    pub = runtime.pub_socket(ctx, [address], subscriptions=True)
+    joined: list[bytes] = []
+
+    def read(expect: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(joined) < expect and time.monotonic() < deadline:
+            if pub.poll(100):
+                joined.extend(runtime.new_subscriptions(pub))
+
+    first = runtime.sub_socket(ctx, [address], [b"process"])
+    read(1)
+    xsub = ctx.socket(zmq.XSUB)
+    xsub.connect(address)
+    time.sleep(0.2)
+    xsub.send_multipart([b"junk", b"\x01process"])  # a subscription only as a first frame
+    xsub.send(b"garbage")
+    xsub.send(b"\x00process")  # an unsubscribe
+    xsub.send(b"")
+    second = runtime.sub_socket(ctx, [address], [b"process"])
+    read(2)
+    assert joined == [b"process", b"process"]
+    pub.send_multipart([b"process", b"hello"])
+    assert second.poll(2000) and second.recv_multipart() == [b"process", b"hello"]
+    first.close()
+    ctx.destroy(linger=0)
+
+
 def test_docs_wire_md_matches_the_module():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "wire.md").read_text()
     m = re.search(r"Wire version: \*\*(\d+)\.(\d+)\*\*", doc)

@@ -50,8 +50,8 @@ class ProcessMeta:
     # are read from. Processes with equal layouts (workers forked from one parent) resolve
     # every address alike, so a window works each address out once for all of them.
     layout: tuple = ()
-    # The message fields this was made from: the collector repeats every process every few
-    # seconds, and an unchanged one need not be made again.
+    # The message fields this was made from: the collector repeats every process when a
+    # subscriber joins and every minute, and an unchanged one need not be made again.
     source: tuple = ()
 
     def mapping_of(self, address: int) -> int:

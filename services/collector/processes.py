@@ -2,13 +2,16 @@
 
 A process is read from /proc when it first appears in samples, again when a sample's user
 address falls outside its known mappings (it loaded a library: dlopen) or its start time
-changed (the pid was reused), and its metadata is republished while it is being sampled, every
-half window (within [1, 10] s), so a subscriber that starts late names it in its first window.
+changed (the pid was reused). Its metadata is published then, again to every subscriber when
+one joins (the collector learns of joins from its XPUB socket), and, while it is being sampled,
+every REPUBLISH_EVERY seconds: a subscriber that lost a message at its high-water mark learns
+the process again within a minute.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import stat
 import time
@@ -20,6 +23,7 @@ from services.collector.binary_cache import BinaryCache
 from services.collector.build_id import BuildIdCache
 
 FORGET_AFTER = 60.0  # a process not sampled for this long is forgotten (bounded memory)
+REPUBLISH_EVERY = 60.0
 REREAD_MAPS_AFTER = 1.0  # at most one maps re-read a second per process, whatever the samples say
 EXEC_RETRY_SECONDS = 0.02  # the wait before reading a process in execve again
 EXEC_RETRY_EVERY = 0.2  # at most one such wait per this many seconds
@@ -64,9 +68,9 @@ class ProcessInfo:
 
 class ProcessTable:
     def __init__(self, proc_path: str, build_ids: BuildIdCache, binaries: BinaryCache | None,
-                 metrics=None, republish_every: float = 5.0):
+                 metrics=None, republish_every: float = REPUBLISH_EVERY):
         self.proc_path = proc_path
-        self.republish_every = min(10.0, max(1.0, republish_every))
+        self.republish_every = max(1.0, republish_every)
         self.build_ids = build_ids
         self.binaries = binaries
         self.metrics = metrics
@@ -173,6 +177,11 @@ class ProcessTable:
                 info = fresh
             due.append(info.body())
         return due
+
+    def republish_all_soon(self) -> None:
+        """Make every process sampled lately due for due_republish (a subscriber joined)."""
+        for info in self.processes.values():
+            info.last_published = -math.inf
 
     def forget_idle(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

@@ -24,6 +24,10 @@ log = logging.getLogger("parca_agent.collector")
 
 DRAIN_INTERVAL = 1.0  # seconds: short against a 10 s window, long enough to fold repeats in-kernel
 FORGET_EVERY = 30.0
+# A subscriber that joins is sent every process's metadata at the next drain, at most this
+# often however many join: a peer that keeps subscribing cannot make the collector resend
+# everything every second.
+ANNOUNCE_EVERY = 2.0
 # Kernel-side counters reported as stack_errors_total{kind=...}; -EFAULT on the kernel stack is
 # every user-mode sample and on the user stack every kernel thread: expected, reported apart.
 STACK_ERROR_KINDS = ("user_stack_collisions", "kernel_stack_collisions", "stack_other_errors")
@@ -41,7 +45,9 @@ class Collector:
         addresses = [self.address]
         if settings.tap_address:
             addresses.append(f"tcp://{_zmq_tcp(settings.tap_address)}")
-        self.pub = runtime.pub_socket(self.ctx, addresses)
+        # XPUB: a new subscriber (an aggregator that restarted, a tap) is told every process
+        # at once, instead of the collector repeating them all on a short timer.
+        self.pub = runtime.pub_socket(self.ctx, addresses, subscriptions=True)
         self.targets = runtime.sub_socket(
             self.ctx, [wire.endpoint(settings.run_dir, wire.ENDPOINT_DISCOVERY)],
             [wire.TOPIC_TARGETS])
@@ -53,8 +59,9 @@ class Collector:
         binaries = BinaryCache(os.path.join(settings.cache_dir, "binaries"),
                                settings.binary_cache_max_bytes, metrics)
         self.binaries = binaries
-        self.processes = ProcessTable(settings.proc_path, BuildIdCache(), binaries, metrics,
-                                      republish_every=settings.profiling_duration / 2)
+        self.processes = ProcessTable(settings.proc_path, BuildIdCache(), binaries, metrics)
+        self._newcomers = False  # a subscriber to process metadata joined since the last drain
+        self._announced = -ANNOUNCE_EVERY
         self._problems = {name: 0 for name in PROBLEM_NAMES}
         # .eh_frame unwinding: tables load in a background thread as processes appear.
         self.unwinder = None
@@ -70,6 +77,7 @@ class Collector:
                  self.address)
         poller = zmq.Poller()
         poller.register(self.targets, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)  # subscriptions
         poller.register(stop.fileno(), zmq.POLLIN)  # SIGTERM wakes the sleep below
         next_drain = time.monotonic() + DRAIN_INTERVAL
         next_forget = time.monotonic() + FORGET_EVERY
@@ -78,6 +86,8 @@ class Collector:
             ready = dict(poller.poll(runtime.poll_ms(next_drain)))
             if self.targets in ready:
                 self._read_targets()
+            if self.pub in ready:
+                self._read_subscriptions()
             now = time.monotonic()
             if now >= next_drain:
                 self.drain_once()
@@ -97,6 +107,12 @@ class Collector:
                 latest = msg  # only the newest snapshot matters: each one is complete
         if latest is not None:
             self.apply_targets(latest.body)
+
+    def _read_subscriptions(self) -> None:
+        topics = runtime.new_subscriptions(self.pub)
+        self.metrics.inc("subscriptions_total", len(topics))
+        if any(wire.TOPIC_PROCESS.startswith(t) for t in topics):
+            self._newcomers = True
 
     def apply_targets(self, body: dict) -> None:
         try:
@@ -179,7 +195,12 @@ class Collector:
                 # own processes.
                 if self.unwinder is not None and not self._is_agent(pid):
                     self.unwinder.request(pid, samples.get(pid, 1))
-        for body in self.processes.due_republish():
+        now = time.monotonic()
+        if self._newcomers and now - self._announced >= ANNOUNCE_EVERY:
+            self._newcomers = False
+            self._announced = now
+            self.processes.republish_all_soon()
+        for body in self.processes.due_republish(now):
             self._send("process", body)
 
         problems = self._update_problems(lost)
