@@ -74,12 +74,16 @@ class AgentProfiler:
     name = "agent"
     note = "all of its processes: parca-agent, supervisord and the five services"
 
-    def __init__(self, profiling_duration: str = "10s"):
+    def __init__(self, profiling_duration: str = "10s", cache_dir: str | None = None):
+        """cache_dir: one cache directory for every start (as a host's agent keeps across
+        restarts), else each start gets an empty one."""
         self.profiling_duration = profiling_duration
+        self.cache_dir = cache_dir
         self.agent: Agent | None = None
 
     def start(self, duration: float, work_dir: str) -> None:
-        self.agent = Agent(duration=self.profiling_duration)
+        flags = [f"--cache-dir={self.cache_dir}"] if self.cache_dir else []
+        self.agent = Agent(*flags, duration=self.profiling_duration)
         self.startup_s = wait_sampling(self.agent)
         # Its start-up goes on after sampling begins: the services' first process scans, and
         # the collector building unwind tables for every process already running (seconds of
@@ -245,8 +249,9 @@ class BccProfiler:
         self.proc = None
 
 
-def all_profilers() -> list:
-    profilers = [NoProfiler(), AgentProfiler(), PerfProfiler(), PerfWindowsProfiler()]
+def all_profilers(agent_cache_dir: str | None = None) -> list:
+    profilers = [NoProfiler(), AgentProfiler(cache_dir=agent_cache_dir), PerfProfiler(),
+                 PerfWindowsProfiler()]
     if BccProfiler.available():
         profilers.append(BccProfiler())
     else:

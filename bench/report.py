@@ -82,6 +82,8 @@ def overhead_section(r: dict) -> tuple[str, list]:
         ["process", "cpu/s"], [[n, v] for n, v in sorted(per_service.items(),
                                                          key=lambda kv: -(kv[1] or 0))]) + "\n"
                 if per_service else "")
+    first = agent.get("first_round_cpu_window_per_s")
+    first_round = (f" (round 1 alone: {fmt(first)} cpu/s)" if first is not None else "")
     text = f"""## Overhead
 
 {header_of(r)}
@@ -96,7 +98,9 @@ just before it is stopped) over the same duration. perf defers most of its work 
 its exit, so its "cpu/s" is near zero and "÷ perf total" is the fairer ratio of the two. The
 agent hands out a symbolized profile every 10 s; "perf-10s" is perf doing the nearest thing, a
 recording per 10 s window (back-to-back runs, each paying perf's start and exit), and
-"÷ perf-10s" divides by its total. BPF
+"÷ perf-10s" divides by its total. The agent keeps one cache directory across its rounds, as
+across restarts on a host: round 1 builds the workload's unwind tables and stores them, later
+rounds read them back{first_round}. BPF
 programs and perf's sampling run in interrupt context and are charged to the workload: that is
 in the slowdown, not in the CPU columns. Throughputs are iterations per second of the C processes
 (summed) and of the Python process.

@@ -156,6 +156,31 @@ def test_a_late_subscriber_is_told_every_process_when_it_joins(collector, tmp_pa
         workload.wait()
 
 
+def test_unwind_tables_of_sampled_binaries_are_kept_on_disk_for_the_next_start(collector,
+                                                                              tmp_path):
+    """The collector stores each table it builds under the file's build id in
+    <cache-dir>/unwind (root only), where the next start reads it instead of building it."""
+    run_dir, p, _ = collector
+    with open(f"/proc/{p.pid}/environ", "rb") as fh:
+        environ = dict(e.split(b"=", 1) for e in fh.read().split(b"\0") if b"=" in e)
+    store = os.path.join(environ[b"PARCA_AGENT_CACHE_DIR"].decode(), "unwind")
+    binary = build_chain_workload(tmp_path, name="stored")
+    build_id = subprocess.run(["readelf", "-n", str(binary)], capture_output=True, text=True,
+                              check=True).stdout.split("Build ID:")[1].split()[0]
+    workload = subprocess.Popen([str(binary), "0", "100"])
+    try:
+        stored = wait_until(lambda: os.path.exists(os.path.join(store, build_id + ".table")), 20)
+    finally:
+        workload.kill()
+        workload.wait()
+    assert stored, sorted(os.listdir(store)) if os.path.isdir(store) else "no unwind folder"
+    assert os.stat(store).st_mode & 0o777 == 0o700
+    from services.collector.unwind.table_store import TableStore
+
+    table = TableStore(store).load(build_id)
+    assert table is not None and table.count > 10 and table.segments
+
+
 def test_dlopen_republishes_the_new_mapping(collector, tmp_path):
     """A process that loads a library after its first samples is re-read and republished."""
     run_dir, _, _ = collector

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -19,6 +20,7 @@ from services.collector.unwind.eh_frame import (
     build_table,
 )
 from services.collector.unwind.loader import UnwindLoader
+from services.collector.unwind.table_store import TableStore
 from services.collector.unwind.tables import RangeAllocator, TableCache
 from tests.conftest import require_tool
 from tests.helpers.workload import compile_c
@@ -181,6 +183,95 @@ def test_table_cache_is_bounded_and_remembers_failures():
     assert built[-1] == "b"
     assert cache.get("x", "bad") is None and cache.get("x", "bad") is None
     assert built.count("bad") == 1 and cache.failures == {"no_cfi": 1}
+
+
+class Counting:
+    def __init__(self):
+        self.counts: dict[str, float] = {}
+
+    def inc(self, name, amount=1, **_labels):
+        self.counts[name] = self.counts.get(name, 0) + amount
+
+
+def test_tables_stored_on_disk_are_read_back_by_a_new_collector_and_not_built_again(tmp_path):
+    """A real table (this machine's python3, built from its .eh_frame) goes to disk under its
+    build id; a fresh TableCache, as after a restart, reads it back row for row instead of
+    building it. A key that is not a build id (a file without one) stays in memory only."""
+    built = []
+
+    def build(path):
+        built.append(path)
+        return eh_frame.build_table(path)
+
+    python = os.path.realpath("/usr/bin/python3")
+    first = TableCache(build=build, store=TableStore(str(tmp_path / "unwind")))
+    table = first.get("ab" * 20, python)
+    assert table is not None and table.count > 1000 and built == [python]
+    assert oct(os.stat(tmp_path / "unwind").st_mode & 0o777) == "0o700"
+    metrics = Counting()
+    second = TableCache(build=build, store=TableStore(str(tmp_path / "unwind"), metrics=metrics))
+    again = second.get("ab" * 20, python)
+    assert built == [python], "the table was built again instead of read from disk"
+    assert (again.rows, again.fdes, again.unsupported_rows, again.segments) == \
+        (table.rows, table.fdes, table.unsupported_rows, table.segments)
+    assert again.row_at(table.segments[0][2] + 0x100) == table.row_at(table.segments[0][2] + 0x100)
+    assert metrics.counts == {"unwind_tables_loaded_from_disk_total": 1}
+    second.get("file:1:2:3", python)
+    assert built == [python, python] and os.listdir(tmp_path / "unwind") == ["ab" * 20 + ".table"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "version", "empty"])
+def test_a_damaged_stored_table_is_deleted_counted_and_built_again(tmp_path, damage):
+    rows = eh_frame.ROW.pack(0x1000, 16, 1, -2) + eh_frame.ROW.pack(0x1010, 8, 1, 0)
+    table = eh_frame.UnwindTable(rows=rows, fdes=2, unsupported_rows=0,
+                                 segments=((0, 0x2000, 0x1000),))
+    store = TableStore(str(tmp_path))
+    store.save("cd" * 20, table)
+    path = tmp_path / ("cd" * 20 + ".table")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        data = data[:-5]
+    elif damage == "version":  # a file of another format version, with a right CRC
+        from services.collector.unwind import table_store
+        old = table_store.VERSION
+        table_store.VERSION = old + 1
+        try:
+            data = bytearray(table_store._encode(table))
+        finally:
+            table_store.VERSION = old
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    metrics = Counting()
+    store = TableStore(str(tmp_path), metrics=metrics)
+    assert store.load("cd" * 20) is None
+    assert not path.exists() and metrics.counts == {"unwind_tables_corrupt_total": 1}
+    built = []
+    cache = TableCache(build=lambda p: built.append(p) or table, store=store)
+    assert cache.get("cd" * 20, "/x").rows == rows and built == ["/x"]
+    assert TableStore(str(tmp_path)).load("cd" * 20).rows == rows  # stored again, whole
+
+
+def test_the_table_store_is_bounded_least_recently_used_out_first(tmp_path):
+    def table(n):
+        return eh_frame.UnwindTable(rows=eh_frame.ROW.pack(n, 8, 1, 0) * 100, fdes=1,
+                                    unsupported_rows=0)
+
+    size = len(__import__("services.collector.unwind.table_store", fromlist=["x"])
+               ._encode(table(1)))
+    store = TableStore(str(tmp_path), max_bytes=3 * size)
+    for i, build_id in enumerate(["aa", "bb", "cc"]):
+        store.save(build_id, table(i))
+        os.utime(tmp_path / f"{build_id}.table", (1000 + i, 1000 + i))
+    assert store.load("aa") is not None  # used: now the most recent
+    store.save("dd", table(3))  # one too many: bb, the least recently used, goes
+    assert sorted(os.listdir(tmp_path)) == ["aa.table", "cc.table", "dd.table"]
+    assert store.bytes == 3 * size
+    store.save("../../etc/x", table(4))  # not a build id: never a path
+    store.save("", table(4))
+    assert sorted(os.listdir(tmp_path)) == ["aa.table", "cc.table", "dd.table"]
 
 
 class RecordingMaps:

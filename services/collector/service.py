@@ -66,7 +66,8 @@ class Collector:
         # .eh_frame unwinding: tables load in a background thread as processes appear.
         self.unwinder = None
         if getattr(sampler, "unwinding", False):
-            self.unwinder = UnwindLoader(sampler, settings.proc_path, metrics)
+            self.unwinder = UnwindLoader(sampler, settings.proc_path, metrics,
+                                         store_dir=os.path.join(settings.cache_dir, "unwind"))
             self.unwinder.start()
         self._last_drain_ns = time.time_ns()
         self.filtering = False

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from services.collector import proc
 from services.collector.build_id import BuildIdCache
+from services.collector.unwind.table_store import TableStore
 from services.collector.unwind.tables import (
     DEFAULT_CACHE_BYTES,
     RangeAllocator,
@@ -55,13 +56,15 @@ class LoadedProcess:
 
 class UnwindLoader:
     def __init__(self, sampler, proc_path: str = "/proc", metrics=None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, store_dir: str | None = None):
+        """store_dir: where built tables are kept across restarts (None: memory only)."""
         from services.collector.bpf_program import UNWIND_MAPPINGS_MAX, UNWIND_ROWS_MAX
 
         self.sampler = sampler
         self.proc_path = proc_path
         self.metrics = metrics
-        self.tables = TableCache(cache_bytes)
+        store = TableStore(store_dir, metrics=metrics) if store_dir else None
+        self.tables = TableCache(cache_bytes, store=store)
         self.build_ids = BuildIdCache()
         self.rows = RangeAllocator(UNWIND_ROWS_MAX)
         self.mapping_slots = RangeAllocator(UNWIND_MAPPINGS_MAX)

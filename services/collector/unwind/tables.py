@@ -2,8 +2,10 @@
 
 A table is built once per file version (build id, else device, inode and mtime) and kept in
 user-space memory up to a byte bound, least recently used out first, so a process that starts
-again (a shell loop, a cron job) costs a copy into BPF, not a rebuild. Failures are cached too
-(as None): a file without CFI is not reopened for every process that maps it.
+again (a shell loop, a cron job) costs a copy into BPF, not a rebuild. Tables of files with a
+build id also go to disk (table_store), so a restarted collector reads them back instead of
+building them again. Failures are cached too (as None): a file without CFI is not reopened for
+every process that maps it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from services.collector.unwind.eh_frame import TableError, UnwindTable, build_table
+from services.collector.unwind.table_store import TableStore
 
 DEFAULT_CACHE_BYTES = 32 << 20
 
@@ -58,8 +61,10 @@ class TableCache:
     """Built tables by file key, bounded in bytes of rows, least recently used evicted first."""
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES,
-                 build: Callable[[str], UnwindTable] = build_table):
+                 build: Callable[[str], UnwindTable] = build_table,
+                 store: TableStore | None = None):
         self.max_bytes = max_bytes
+        self.store = store
         self.bytes = 0
         self._build = build
         self._tables: OrderedDict[str, UnwindTable | None] = OrderedDict()
@@ -70,12 +75,16 @@ class TableCache:
         if key in self._tables:
             self._tables.move_to_end(key)
             return self._tables[key]
-        self.builds += 1
-        try:
-            table = self._build(path)
-        except TableError as e:
-            self.failures[e.reason] = self.failures.get(e.reason, 0) + 1
-            table = None
+        table = self.store.load(key) if self.store is not None else None
+        if table is None:
+            self.builds += 1
+            try:
+                table = self._build(path)
+            except TableError as e:
+                self.failures[e.reason] = self.failures.get(e.reason, 0) + 1
+                table = None
+            if table is not None and self.store is not None:
+                self.store.save(key, table)  # only a build id names a stored table
         size = len(table.rows) if table else 0
         if size > self.max_bytes:
             return table  # used now, never kept: it alone would empty the cache
