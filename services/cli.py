@@ -7,6 +7,7 @@ on to its children, so a service reads exactly what this command validated.
 
 from __future__ import annotations
 
+import ctypes
 import grp
 import os
 import pwd
@@ -20,6 +21,7 @@ from services.settings import Settings, SettingsError, build_parser, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = ROOT / "deploy" / "supervisord.conf"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 DESCRIPTION = """\
 An eBPF sampling profiler for Linux hosts and Kubernetes nodes, compatible with Parca Agent.
 Samples every CPU's user and kernel stacks, builds one pprof profile per target and window,
@@ -110,8 +112,13 @@ def run_supervised(settings: Settings) -> int:
     env["PARCA_AGENT_ROOT"] = str(ROOT)
     env["PARCA_AGENT_SUPERVISOR_SOCKET"] = os.path.join(settings.run_dir, "supervisor.sock")
     supervisord = shutil.which("supervisord", path=os.path.dirname(sys.executable)) or "supervisord"
+    # supervisord (root, no change of credentials on exec) is told of our death too: a
+    # SIGKILLed parca-agent must not leave it and the services running on.
+    # (prctl resolved here: the child between fork and exec should only make the call.)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     proc = subprocess.Popen([supervisord, "--nodaemon", "--configuration", str(SUPERVISORD_CONF)],
-                            env=env)
+                            env=env, preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM,
+                                                              0, 0, 0))
 
     def forward(signum, _frame):
         proc.send_signal(signal.SIGTERM)

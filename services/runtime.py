@@ -8,6 +8,7 @@ closed their sockets.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -69,6 +70,7 @@ class StopFlag:
     def install(self) -> "StopFlag":
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.set())
+        die_with_parent()
         return self
 
     def set(self) -> None:
@@ -93,6 +95,25 @@ class StopFlag:
 
     def wait(self, seconds: float | None) -> bool:
         return self._event.wait(seconds)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel for ``sig`` when our parent (supervisord, or parca-agent for supervisord)
+    dies, so that a SIGKILLed supervisor leaves no service running on (a collector with its BPF
+    program attached, sampling for nobody). Set by each service itself: the kernel clears it
+    when credentials change, and supervisord drops the services to the agent's user."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return  # not Linux, or refused: the supervisor's own stop still works
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request: nobody will signal us
+        os.kill(os.getpid(), sig)
 
 
 def settle_gc() -> None:

@@ -123,3 +123,39 @@ def test_a_reused_pid_is_profiled_as_the_new_program(agent):
     finally:
         b.kill()
         b.wait()
+
+
+@pytest.mark.parametrize("victim", ["parca-agent", "supervisord"])
+def test_a_supervisor_killed_with_sigkill_takes_every_service_with_it(victim):
+    """SIGKILL gives parca-agent and supervisord no chance to stop anything: the kernel's
+    parent-death signal must, or the collector would sample on for nobody with its BPF
+    program attached. Each service stops as on SIGTERM (the collector detaches)."""
+    with running_agent(duration=f"{WINDOW:g}s") as agent:
+        assert wait_until(lambda: agent.collector_programs(), 60), agent.log()
+        programs = agent.collector_programs()
+        processes = agent.descendants()
+        supervisord = [p for p in processes if _comm(p) == "supervisord"]
+        assert len(supervisord) == 1 and len(processes) >= 6, processes
+        os.kill(agent.proc.pid if victim == "parca-agent" else supervisord[0], signal.SIGKILL)
+        left = wait_until(lambda: not [p for p in processes if _alive(p)], 30)
+        assert left, [(p, _comm(p)) for p in processes if _alive(p)]
+        assert not any(bpf_program_loaded(p) for p in programs), \
+            "the collector's BPF program outlived its supervisor"
+        agent.proc.wait(10)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a dead parent's reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
