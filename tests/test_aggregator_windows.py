@@ -295,6 +295,25 @@ def test_profiles_are_those_of_adding_each_sample_in_turn():
         assert profiles[pid]["samples"] == expected.sample_count
 
 
+def test_a_memfd_mapping_is_named_from_the_collectors_copy_only():
+    """/proc/<pid>/maps shows memfd_create() code as "/memfd:name (deleted)", which is no file:
+    never opened as a path (a failed open and a warning every window); the collector's copy
+    by build id, when there is one, is."""
+    symbolizer = NamingSymbolizer()
+    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
+    jit = {"start": 0x1000, "limit": 0x2000, "offset": 0, "path": "/memfd:jit (deleted)",
+           "build_id": "", "cache_path": ""}
+    copied = {"start": 0x2000, "limit": 0x3000, "offset": 0, "path": "/memfd:lib (deleted)",
+              "build_id": "ef", "cache_path": "/cache/ef"}
+    agg.add_process(dict(process(7), mappings=[jit, copied]))
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 1]], [[0x1100, 0x2100]]))
+    (profile,) = agg.close_due(BASE + 20 * SECOND)
+    assert [(path, candidates) for path, candidates, _ in symbolizer.asked] == \
+        [("/memfd:lib (deleted)", ["/cache/ef"])]
+    p = decode(profile)
+    assert len(p.sample) == 1 and len(p.sample[0].location_id) == 2
+
+
 def test_processes_with_one_layout_share_the_work_but_not_their_names_elsewhere():
     """Forked workers (equal mappings and cache paths) of one target: each address is looked
     up once for all of them. A process whose file is read from another cache path (another

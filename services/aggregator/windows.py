@@ -34,6 +34,7 @@ GRACE_NS = 1_500_000_000  # a drain happens every second: wait for the last one 
 PROCESS_TTL = 300.0  # seconds a process's metadata is kept after its last sample
 MAX_PROCESSES = 32768
 MAX_KERNEL_NAMES = 500_000
+MEMFD_PREFIX = "/memfd:"  # how /proc/<pid>/maps shows memfd_create() mappings
 
 
 @dataclass
@@ -53,12 +54,6 @@ class ProcessMeta:
     # The message fields this was made from: the collector repeats every process when a
     # subscriber joins and every minute, and an unchanged one need not be made again.
     source: tuple = ()
-
-    def mapping_of(self, address: int) -> int:
-        i = bisect.bisect_right(self.starts, address) - 1
-        if i >= 0 and address < self.mappings[i].limit:
-            return i
-        return -1
 
 
 @dataclass
@@ -387,8 +382,8 @@ class WindowAggregator:
         frames: dict[int, Frame | None] = {}
         starts = meta.starts
         for i, mapping in enumerate(meta.mappings):
-            # The addresses mapping_of gives this mapping: from its start up to its limit
-            # or the next mapping's start, whichever comes first.
+            # The addresses of this mapping: from its start up to its limit or the next
+            # mapping's start, whichever comes first.
             end = mapping.limit if i + 1 == len(starts) else min(mapping.limit, starts[i + 1])
             lo = bisect.bisect_left(addresses, mapping.start)
             hi = bisect.bisect_left(addresses, end, lo)
@@ -402,7 +397,11 @@ class WindowAggregator:
             first = bisect.bisect_left(only_leaves, mapping.start)
             for a in only_leaves[first:bisect.bisect_left(only_leaves, end, first)]:
                 lookups[bisect.bisect_left(inside, a)] = a
-            candidates = [p for p in (meta.cache_paths[i], mapping.path) if p]
+            # A memfd's "path" names no file: only the collector's copy (by build id) can be read.
+            host_path = "" if mapping.path.startswith(MEMFD_PREFIX) else mapping.path
+            candidates = [p for p in (meta.cache_paths[i], host_path) if p]
+            if not candidates:
+                continue
             frames.update(zip(inside, self.symbolizer.frames(mapping, candidates, lookups)))
         return mappings, frames
 
