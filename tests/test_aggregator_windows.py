@@ -17,8 +17,10 @@ SECOND = 1_000_000_000
 BASE = 1_700_000_000 * SECOND  # a multiple of 10 s
 
 
-def batch(time_ns, records, stacks=None, kernel=None):
-    return {"time_ns": time_ns, "duration_ns": SECOND, "frequency": 100, "records": records,
+def batch(time_ns, records, stacks=None, kernel=None, duration_ns=0):
+    """A samples body; by default one covering only the instant time_ns (a batch is placed by
+    the middle of what it covers), so time_ns says which window it is in."""
+    return {"time_ns": time_ns, "duration_ns": duration_ns, "frequency": 100, "records": records,
             "stacks": stacks or [[0x1000, 0x2000]], "kernel_symbols": kernel or {},
             "errors": {}}
 
@@ -39,19 +41,38 @@ def decode(profile):
 
 
 def test_batches_around_a_window_edge_land_in_exactly_one_window_each():
+    """A batch covers the second before its drain: the one drained at the window's end (a
+    few ms late, as drains are) holds samples of the window that ends, and counts there."""
     agg = make()
     agg.add_process(process(7))
-    times = [BASE + 8 * SECOND, BASE + 9 * SECOND + SECOND - 1, BASE + 10 * SECOND,
-             BASE + 11 * SECOND]
-    for t in times:
-        agg.add_samples(batch(t, [[7, 7, 1, 0, -1, 5]]))
+    times = [BASE + 8 * SECOND, BASE + 9 * SECOND + SECOND - 1, BASE + 10 * SECOND + 3_000_000,
+             BASE + 11 * SECOND, BASE + 11 * SECOND + SECOND // 2 - 1]
+    for t, count in zip(times, [5, 5, 5, 7, 11]):
+        agg.add_samples(batch(t, [[7, 7, 1, 0, -1, count]], duration_ns=SECOND))
     assert agg.close_due(BASE + 10 * SECOND + GRACE_NS - 1) == []  # still inside the grace
     first = agg.close_due(BASE + 10 * SECOND + GRACE_NS)
-    assert [p["samples"] for p in first] == [10]
+    assert [p["samples"] for p in first] == [5 + 5 + 5]
     assert (first[0]["start_ns"], first[0]["end_ns"]) == (BASE, BASE + 10 * SECOND)
     second = agg.close_due(BASE + 20 * SECOND + GRACE_NS)
-    assert [p["samples"] for p in second] == [10]
+    assert [p["samples"] for p in second] == [7 + 11]
     assert agg.close_due(BASE + 100 * SECOND) == []  # nothing twice
+
+
+def test_a_batch_is_placed_by_the_middle_of_what_it_covers_within_half_a_window():
+    """duration_ns moves a batch back by half of it, but a sender cannot move it further than
+    half a window (a negative or huge duration), nor anywhere when it is not a number."""
+    agg = make()
+    agg.add_process(process(7))
+    for duration, count in [(4 * SECOND, 1), (-5 * SECOND, 2), (10**15, 4)]:
+        agg.add_samples(dict(batch(BASE + 11 * SECOND, [[7, 7, 1, 0, -1, count]]),
+                             duration_ns=duration))
+    for bad in ("x", None, float("inf"), [1]):
+        with pytest.raises((TypeError, ValueError)):
+            agg.add_samples(dict(batch(BASE + 11 * SECOND, [[7, 7, 1, 0, -1, 100]]),
+                                 duration_ns=bad))
+    # 11 s - 2 s = 9 s and 11 s - 5 s = 6 s: the window before; 11 s - 0: this one.
+    assert [p["samples"] for p in agg.close_due(BASE + 10 * SECOND + GRACE_NS)] == [1 + 4]
+    assert [p["samples"] for p in agg.close_due(BASE + 20 * SECOND + GRACE_NS)] == [2]
 
 
 def test_next_close_is_when_close_due_first_builds_something():

@@ -181,6 +181,26 @@ def test_unwind_tables_of_sampled_binaries_are_kept_on_disk_for_the_next_start(c
     assert table is not None and table.count > 10 and table.segments
 
 
+def test_drains_fall_on_whole_seconds_so_batches_do_not_straddle_windows(collector):
+    """Windows are wall-clock multiples of whole seconds and the aggregator places a batch by
+    the middle of the time it covers: that is exact when every drain falls on a second."""
+    run_dir, _, _ = collector
+    sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_SAMPLES])
+    busy = subprocess.Popen(["sh", "-c", "while :; do :; done"])  # so that every drain sends
+    try:
+        batches = [m.body for m in sub.messages(7.5)]
+    finally:
+        busy.kill()
+        busy.wait()
+        sub.close()
+    assert len(batches) >= 5, len(batches)
+    late_ms = sorted((b["time_ns"] % 10**9) / 1e6 for b in batches)
+    # A drain can be late on a busy machine; a random phase would be under 100 ms one time in 10.
+    assert late_ms[len(late_ms) // 2] < 100, late_ms
+    assert all(abs(b["duration_ns"] - 10**9) < 5 * 10**8 for b in batches[1:]), \
+        [b["duration_ns"] for b in batches]
+
+
 def test_dlopen_republishes_the_new_mapping(collector, tmp_path):
     """A process that loads a library after its first samples is re-read and republished."""
     run_dir, _, _ = collector

@@ -1,9 +1,11 @@
 """Samples into targets and windows, and windows into pprof profiles.
 
 Windows are aligned to wall-clock multiples of the profiling duration and a batch of samples
-belongs to the window containing the batch's drain time, so a batch is never split or counted
-twice; a window closes once its end plus a grace period has passed, giving batches in flight
-time to arrive. This class does no I/O: the service feeds it decoded messages and a clock.
+belongs to the window containing the middle of the time it covers (its drain time minus half
+the time since the previous drain), so a batch is never split or counted twice. The collector
+drains on wall-clock multiples of its interval, which divides every window: a batch then lies
+inside one window, the one its middle names. A window closes once its end plus a grace period
+has passed, giving batches in flight time to arrive. This class does no I/O: the service feeds it decoded messages and a clock.
 
 Ingest is the hot path, so a batch is checked column by column in C (array() for types and
 ranges) rather than number by number, and each distinct stack of a window is kept once, as a
@@ -154,7 +156,10 @@ class WindowAggregator:
         """Count one batch. A bad batch raises TypeError or ValueError (never OverflowError)
         and changes nothing: the whole batch is checked before any of it counts."""
         with _overflow_is_value_error():
-            time_ns = int(body["time_ns"])
+            # The middle of what the batch covers; never more than half a window back, whatever
+            # a sender says.
+            covered_ns = min(max(int(body["duration_ns"]), 0), self.duration_ns)
+            time_ns = int(body["time_ns"]) - covered_ns // 2
             now_ns = self.clock()
             if abs(time_ns - now_ns) > 2 * self.duration_ns:
                 # A batch stamped far from our clock (a skewed or hostile sender) goes in the

@@ -5,6 +5,7 @@ with discovery's targets."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -22,7 +23,9 @@ from services.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("parca_agent.collector")
 
-DRAIN_INTERVAL = 1.0  # seconds: short against a 10 s window, long enough to fold repeats in-kernel
+# Seconds: short against a 10 s window, long enough to fold repeats in-kernel; a whole number of
+# seconds or a fraction of one that divides it, so that drains fall on window edges.
+DRAIN_INTERVAL = 1.0
 FORGET_EVERY = 30.0
 # A subscriber that joins is sent every process's metadata at the next drain, at most this
 # often however many join: a peer that keeps subscribing cannot make the collector resend
@@ -80,19 +83,24 @@ class Collector:
         poller.register(self.targets, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)  # subscriptions
         poller.register(stop.fileno(), zmq.POLLIN)  # SIGTERM wakes the sleep below
-        next_drain = time.monotonic() + DRAIN_INTERVAL
+        next_drain = _next_boundary(time.time())
         next_forget = time.monotonic() + FORGET_EVERY
         while not stop.is_set():
             # Sleep until the next drain: targets wake it, nothing else needs doing before.
-            ready = dict(poller.poll(runtime.poll_ms(next_drain)))
+            # Drains fall on wall-clock multiples of the interval, which divides every window
+            # (windows are wall-clock multiples of whole seconds): a batch then covers time of
+            # one window only, and the aggregator places it by its middle.
+            wait = min(next_drain - time.time(), DRAIN_INTERVAL)
+            ready = dict(poller.poll(runtime.poll_ms(time.monotonic() + wait)))
             if self.targets in ready:
                 self._read_targets()
             if self.pub in ready:
                 self._read_subscriptions()
             now = time.monotonic()
-            if now >= next_drain:
+            wall = time.time()
+            if wall >= next_drain or next_drain - wall > DRAIN_INTERVAL:  # or the clock moved
                 self.drain_once()
-                next_drain = max(next_drain + DRAIN_INTERVAL, now + DRAIN_INTERVAL / 2)
+                next_drain = _next_boundary(wall)
             if self.heartbeat.due():
                 self.send_heartbeat()
             if now >= next_forget:
@@ -267,6 +275,11 @@ class Collector:
         self.pub.close()
         self.targets.close()
         runtime.unlink_endpoint(self.address)
+
+
+def _next_boundary(wall: float) -> float:
+    """The first wall-clock multiple of DRAIN_INTERVAL after ``wall``."""
+    return (math.floor(wall / DRAIN_INTERVAL) + 1) * DRAIN_INTERVAL
 
 
 def _zmq_tcp(address: str) -> str:
