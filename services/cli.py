@@ -116,9 +116,15 @@ def run_supervised(settings: Settings) -> int:
     # SIGKILLed parca-agent must not leave it and the services running on.
     # (prctl resolved here: the child between fork and exec should only make the call.)
     prctl = ctypes.CDLL(None, use_errno=True).prctl
+    me = os.getpid()
+
+    def die_with_us() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != me:  # we died between the fork and the request
+            os._exit(1)
+
     proc = subprocess.Popen([supervisord, "--nodaemon", "--configuration", str(SUPERVISORD_CONF)],
-                            env=env, preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM,
-                                                              0, 0, 0))
+                            env=env, preexec_fn=die_with_us)
 
     def forward(signum, _frame):
         proc.send_signal(signal.SIGTERM)

@@ -67,10 +67,14 @@ class StopFlag:
         self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._also: list[threading.Event] = []
 
-    def install(self) -> "StopFlag":
+    def install(self, supervised: bool = True) -> "StopFlag":
+        """supervised: a service under supervisord, which stops with it (die_with_parent); a
+        command run from a shell (`parca-agent tap`) is not, or a closing shell would stop it
+        even under nohup."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.set())
-        die_with_parent()
+        if supervised:
+            die_with_parent()
         return self
 
     def set(self) -> None:
@@ -105,15 +109,24 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     dies, so that a SIGKILLed supervisor leaves no service running on (a collector with its BPF
     program attached, sampling for nobody). Set by each service itself: the kernel clears it
     when credentials change, and supervisord drops the services to the agent's user."""
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             return  # not Linux, or refused: the supervisor's own stop still works
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # it died before the request: nobody will signal us
+    # Our parent may have died before the request (between supervisord's fork and here): then
+    # nobody will signal us, and the process we now hang from is not supervisord.
+    if os.environ.get("SUPERVISOR_ENABLED") and _comm(os.getppid()) != "supervisord":
         os.kill(os.getpid(), sig)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
 
 
 def settle_gc() -> None:
@@ -217,6 +230,9 @@ def pub_socket(ctx: zmq.Context, addresses: Iterable[str], hwm: int = 1000,
     sock = ctx.socket(zmq.XPUB if subscriptions else zmq.PUB)
     if subscriptions:
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        # It reads from its peers now (a tap may be on the network): a subscription is a
+        # topic, so anything large is a peer to drop.
+        sock.setsockopt(zmq.MAXMSGSIZE, 4096)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     for a in addresses:

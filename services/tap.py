@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "json":
         topics.append(wire.TOPIC_HEARTBEAT)
     sock = runtime.sub_socket(ctx, [address], topics)
-    stop = runtime.StopFlag().install()
+    stop = runtime.StopFlag().install(supervised=False)
     metrics = runtime.Metrics("parca_agent_tap")
     gaps = wire.GapCounter()
     import logging

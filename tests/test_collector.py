@@ -181,6 +181,17 @@ def test_unwind_tables_of_sampled_binaries_are_kept_on_disk_for_the_next_start(c
     assert table is not None and table.count > 10 and table.segments
 
 
+def test_the_drain_interval_divides_the_window():
+    """Drains fall on window edges only if the interval divides the window: the window split
+    evenly into parts of at most a second."""
+    from services.collector.service import drain_interval
+
+    for window, interval in [(10, 1.0), (1, 1.0), (2.5, 2.5 / 3), (0.5, 0.5), (1.5, 0.75),
+                             (60, 1.0)]:
+        assert drain_interval(window) == pytest.approx(interval), window
+        assert (window / drain_interval(window)) == pytest.approx(round(window / interval))
+
+
 def test_drains_fall_on_whole_seconds_so_batches_do_not_straddle_windows(collector):
     """Windows are wall-clock multiples of whole seconds and the aggregator places a batch by
     the middle of the time it covers: that is exact when every drain falls on a second."""

@@ -268,10 +268,20 @@ def test_the_table_store_is_bounded_least_recently_used_out_first(tmp_path):
     assert store.load("aa") is not None  # used: now the most recent
     store.save("dd", table(3))  # one too many: bb, the least recently used, goes
     assert sorted(os.listdir(tmp_path)) == ["aa.table", "cc.table", "dd.table"]
+    # A table used from memory keeps its file too: cc was stored first, but is in use.
+    cache = TableCache(build=lambda p: table(9), store=store)
+    os.utime(tmp_path / "cc.table", (1000, 1000))
+    cache.get("cc", "/x")  # read from disk into memory
+    os.utime(tmp_path / "cc.table", (1000, 1000))
+    cache.get("cc", "/x")  # from memory: touched
+    assert os.stat(tmp_path / "cc.table").st_mtime > 1000
+    os.utime(tmp_path / "aa.table", (2000, 2000))
+    store.save("ee", table(5))  # aa goes, not cc
+    assert sorted(os.listdir(tmp_path)) == ["cc.table", "dd.table", "ee.table"]
     assert store.bytes == 3 * size
     store.save("../../etc/x", table(4))  # not a build id: never a path
     store.save("", table(4))
-    assert sorted(os.listdir(tmp_path)) == ["aa.table", "cc.table", "dd.table"]
+    assert sorted(os.listdir(tmp_path)) == ["cc.table", "dd.table", "ee.table"]
 
 
 class RecordingMaps:

@@ -3,9 +3,11 @@
 Windows are aligned to wall-clock multiples of the profiling duration and a batch of samples
 belongs to the window containing the middle of the time it covers (its drain time minus half
 the time since the previous drain), so a batch is never split or counted twice. The collector
-drains on wall-clock multiples of its interval, which divides every window: a batch then lies
-inside one window, the one its middle names. A window closes once its end plus a grace period
-has passed, giving batches in flight time to arrive. This class does no I/O: the service feeds it decoded messages and a clock.
+drains on wall-clock multiples of an interval that divides the window (a second, or the window
+split evenly into parts of at most a second): a batch then lies inside one window, the one its
+middle names. A window closes once its end plus a grace period has passed, giving batches in
+flight time to arrive. This class does no I/O: the service feeds it decoded messages and a
+clock.
 
 Ingest is the hot path, so a batch is checked column by column in C (array() for types and
 ranges) rather than number by number, and each distinct stack of a window is kept once, as a
@@ -489,4 +491,3 @@ def _records(records, n_stacks: int) -> list[list[int]] | None:
             and max(kernels) < n_stacks and 0 < min(counts) and max(counts) < _U32):
         raise ValueError("record out of range")
     return columns
-

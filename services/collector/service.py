@@ -23,8 +23,9 @@ from services.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("parca_agent.collector")
 
-# Seconds: short against a 10 s window, long enough to fold repeats in-kernel; a whole number of
-# seconds or a fraction of one that divides it, so that drains fall on window edges.
+# Seconds at most between drains: short against a 10 s window, long enough to fold repeats
+# in-kernel. The interval used is the window split evenly into parts no longer than this (1 s
+# for whole-second windows, 0.5 s for 2.5 s ones), so that drains fall on window edges.
 DRAIN_INTERVAL = 1.0
 FORGET_EVERY = 30.0
 # A subscriber that joins is sent every process's metadata at the next drain, at most this
@@ -72,6 +73,7 @@ class Collector:
             self.unwinder = UnwindLoader(sampler, settings.proc_path, metrics,
                                          store_dir=os.path.join(settings.cache_dir, "unwind"))
             self.unwinder.start()
+        self.drain_interval = drain_interval(settings.profiling_duration)
         self._last_drain_ns = time.time_ns()
         self.filtering = False
         self._agent_marker = f"{ENV_PREFIX}RUN_DIR={settings.run_dir}".encode()
@@ -83,14 +85,15 @@ class Collector:
         poller.register(self.targets, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)  # subscriptions
         poller.register(stop.fileno(), zmq.POLLIN)  # SIGTERM wakes the sleep below
-        next_drain = _next_boundary(time.time())
+        interval = self.drain_interval
+        next_drain = _next_boundary(time.time(), interval)
         next_forget = time.monotonic() + FORGET_EVERY
         while not stop.is_set():
             # Sleep until the next drain: targets wake it, nothing else needs doing before.
-            # Drains fall on wall-clock multiples of the interval, which divides every window
-            # (windows are wall-clock multiples of whole seconds): a batch then covers time of
+            # Drains fall on wall-clock multiples of the interval, which divides the window
+            # (windows are wall-clock multiples of their length): a batch then covers time of
             # one window only, and the aggregator places it by its middle.
-            wait = min(next_drain - time.time(), DRAIN_INTERVAL)
+            wait = min(next_drain - time.time(), interval)
             ready = dict(poller.poll(runtime.poll_ms(time.monotonic() + wait)))
             if self.targets in ready:
                 self._read_targets()
@@ -98,9 +101,9 @@ class Collector:
                 self._read_subscriptions()
             now = time.monotonic()
             wall = time.time()
-            if wall >= next_drain or next_drain - wall > DRAIN_INTERVAL:  # or the clock moved
+            if wall >= next_drain or next_drain - wall > interval:  # or the clock moved
                 self.drain_once()
-                next_drain = _next_boundary(wall)
+                next_drain = _next_boundary(wall, interval)
             if self.heartbeat.due():
                 self.send_heartbeat()
             if now >= next_forget:
@@ -277,9 +280,14 @@ class Collector:
         runtime.unlink_endpoint(self.address)
 
 
-def _next_boundary(wall: float) -> float:
-    """The first wall-clock multiple of DRAIN_INTERVAL after ``wall``."""
-    return (math.floor(wall / DRAIN_INTERVAL) + 1) * DRAIN_INTERVAL
+def drain_interval(window_s: float) -> float:
+    """The window split evenly into the fewest parts no longer than DRAIN_INTERVAL."""
+    return window_s / max(1, math.ceil(window_s / DRAIN_INTERVAL - 1e-9))
+
+
+def _next_boundary(wall: float, interval: float) -> float:
+    """The first wall-clock multiple of ``interval`` after ``wall``."""
+    return (math.floor(wall / interval) + 1) * interval
 
 
 def _zmq_tcp(address: str) -> str:

@@ -10,7 +10,8 @@ Only root reads and writes the folder (0700): the rows go into BPF maps, and a t
 could only give wrong stacks (the verifier keeps the kernel safe whatever the rows say), but
 nobody else needs them. Each file carries a format version and a CRC32 of its contents; one
 that does not check out is deleted and counted, and the table is built again. The folder is
-bounded in bytes: the least recently used files go first (their mtime is touched on use).
+bounded in bytes: the least recently used files go first (their mtime is touched when read, and
+at most hourly while the collector keeps using the table from memory).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 import zlib
 
 from services.collector.unwind.eh_frame import ROW, UnwindTable
@@ -25,6 +27,7 @@ from services.collector.unwind.eh_frame import ROW, UnwindTable
 log = logging.getLogger("parca_agent.collector.unwind")
 
 DEFAULT_MAX_BYTES = 256 << 20
+TOUCH_EVERY = 3600.0  # seconds between mtime updates of a table in use from memory
 MAGIC = b"PAUT"
 # Bump when the rows' layout (eh_frame.ROW) or their meaning changes: older files are rebuilt.
 VERSION = 1
@@ -42,6 +45,7 @@ class TableStore:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
         self.bytes = sum(size for _, size, _ in self._files())
+        self._touched: dict[str, float] = {}  # build id -> monotonic time of its last touch
 
     def load(self, build_id: str) -> UnwindTable | None:
         """The table stored for this build id, or None (none stored, or it did not check out)."""
@@ -66,6 +70,20 @@ class TableStore:
             pass
         self._count("unwind_tables_loaded_from_disk_total")
         return table
+
+    def touch(self, build_id: str) -> None:
+        """The table is still in use (from memory): keep it from eviction, at most hourly."""
+        now = time.monotonic()
+        if now - self._touched.get(build_id, -TOUCH_EVERY) < TOUCH_EVERY:
+            return
+        path = self._path(build_id)
+        if path is None:
+            return
+        self._touched[build_id] = now
+        try:
+            os.utime(path)
+        except OSError:
+            pass
 
     def save(self, build_id: str, table: UnwindTable) -> None:
         path = self._path(build_id)

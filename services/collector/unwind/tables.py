@@ -74,6 +74,8 @@ class TableCache:
     def get(self, key: str, path: str) -> UnwindTable | None:
         if key in self._tables:
             self._tables.move_to_end(key)
+            if self.store is not None:
+                self.store.touch(key)  # in use: the copy on disk should outlive unused ones
             return self._tables[key]
         table = self.store.load(key) if self.store is not None else None
         if table is None:
