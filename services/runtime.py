@@ -117,11 +117,12 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         return
     # Our parent may have died before the request (between supervisord's fork and here): then
     # nobody will signal us, and the process we now hang from is not supervisord.
-    if os.environ.get("SUPERVISOR_ENABLED") and _comm(os.getppid()) != "supervisord":
+    if os.environ.get("SUPERVISOR_ENABLED") and process_comm(os.getppid()) != "supervisord":
         os.kill(os.getpid(), sig)
 
 
-def _comm(pid: int) -> str:
+def process_comm(pid: int) -> str:
+    """/proc/<pid>/comm, or "" when the process is gone."""
     try:
         with open(f"/proc/{pid}/comm") as fh:
             return fh.read().strip()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from services.runtime import process_comm
 from tests.helpers.agent import bpf_program_loaded, running_agent
 from tests.helpers.services import wait_until
 from tests.helpers.workload import CHAIN_SOURCE, build_chain_workload, compile_c
@@ -134,22 +135,14 @@ def test_a_supervisor_killed_with_sigkill_takes_every_service_with_it(victim):
         assert wait_until(lambda: agent.collector_programs(), 60), agent.log()
         programs = agent.collector_programs()
         processes = agent.descendants()
-        supervisord = [p for p in processes if _comm(p) == "supervisord"]
+        supervisord = [p for p in processes if process_comm(p) == "supervisord"]
         assert len(supervisord) == 1 and len(processes) >= 6, processes
         os.kill(agent.proc.pid if victim == "parca-agent" else supervisord[0], signal.SIGKILL)
         left = wait_until(lambda: not [p for p in processes if _alive(p)], 30)
-        assert left, [(p, _comm(p)) for p in processes if _alive(p)]
+        assert left, [(p, process_comm(p)) for p in processes if _alive(p)]
         assert not any(bpf_program_loaded(p) for p in programs), \
             "the collector's BPF program outlived its supervisor"
         agent.proc.wait(10)
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
 
 
 def _alive(pid: int) -> bool:
