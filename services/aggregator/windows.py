@@ -301,26 +301,26 @@ class WindowAggregator:
         group_of, metas = self._layout_groups(pids)
         user_keys = list(zip(map(group_of.__getitem__, pids), [key[3] for key in keys]))
         kernel_keys = [key[4] for key in keys]
-        # Each layout group's distinct user stacks, and its distinct addresses in the order
-        # they first come.
-        stacks_of: dict[int, list[int]] = {}
+        # Each layout group's distinct user stacks (0 is the empty stack).
+        uids_of: dict[int, list[int]] = {}
         for group, uid in dict.fromkeys(user_keys):
-            if uid:  # 0 is the empty stack
-                stacks_of.setdefault(group, []).append(uid)
-        addresses_of = {group: list(dict.fromkeys(chain.from_iterable(
-            map(stacks.__getitem__, uids)))) for group, uids in stacks_of.items()}
+            if uid:
+                uids_of.setdefault(group, []).append(uid)
         # Location ids of each distinct stack, worked out once per window and target (a user
         # stack once per address layout: the same addresses mean other code in another
         # layout). Each step is a pass over distinct stacks or addresses, mostly in C.
         kernel_ids = self._kernel_location_ids(builder, stacks, kernel_keys)
         user_ids = {(group, 0): () for group in range(len(metas))}
-        for group, uids in stacks_of.items():
-            addresses = addresses_of[group]
-            mappings, frames = self._symbolize(metas[group], stacks, uids, addresses)
+        for group, uids in uids_of.items():
+            group_stacks = list(map(stacks.__getitem__, uids))
+            # The group's distinct addresses, in the order they first come.
+            addresses = list(dict.fromkeys(chain.from_iterable(group_stacks)))
+            mappings, frames = self._symbolize(metas[group], group_stacks, addresses)
             ids = dict(zip(addresses, builder.user_locations(
                 addresses, map(mappings.get, addresses), map(frames.get, addresses))))
             get = ids.__getitem__
-            user_ids.update(((group, uid), tuple(map(get, stacks[uid]))) for uid in uids)
+            user_ids.update(zip(zip(repeat(group), uids),
+                                (tuple(map(get, stack)) for stack in group_stacks)))
         # A thread's samples are told apart by tid, and in a target of many processes by pid.
         if target.per_process:
             names, values = ("thread",), [key[2:3] for key in keys]
@@ -370,18 +370,17 @@ class WindowAggregator:
                 metas.append(meta)
         return group_of, metas
 
-    def _symbolize(self, meta: ProcessMeta | None, stacks: list[tuple[int, ...]],
-                   uids: list[int], addresses: list[int]
+    def _symbolize(self, meta: ProcessMeta | None, group_stacks: list[tuple[int, ...]],
+                   addresses: list[int]
                    ) -> tuple[dict[int, MappingInfo], dict[int, Frame | None]]:
         """address -> mapping and address -> frame for the ``addresses`` of one layout group
-        (those of its user stacks ``uids``) that are inside a mapping: names are asked once
-        per mapped file. (Two dicts rather than one of pairs: no object per address for the
-        garbage collector to walk.)"""
+        (those of its distinct user stacks ``group_stacks``) that are inside a mapping: names
+        are asked once per mapped file. (Two dicts rather than one of pairs: no object per
+        address for the garbage collector to walk.)"""
         if meta is None:
             return _UNRESOLVED
         # A caller's return address points after its call: look up the call itself. An
         # address seen both innermost and as a caller is looked up as a caller.
-        group_stacks = list(map(stacks.__getitem__, uids))
         callers = set(chain.from_iterable(map(_TAIL, group_stacks)))
         only_leaves = sorted(set(map(_HEAD, group_stacks)) - callers)
         addresses = sorted(addresses)
