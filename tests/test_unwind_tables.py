@@ -20,6 +20,7 @@ from services.collector.unwind.eh_frame import (
     build_table,
 )
 from services.collector.unwind.loader import UnwindLoader
+from services.collector.unwind import table_store
 from services.collector.unwind.table_store import TableStore
 from services.collector.unwind.tables import RangeAllocator, TableCache
 from tests.conftest import require_tool
@@ -234,7 +235,6 @@ def test_a_damaged_stored_table_is_deleted_counted_and_built_again(tmp_path, dam
     elif damage == "truncate":
         data = data[:-5]
     elif damage == "version":  # a file of another format version, with a right CRC
-        from services.collector.unwind import table_store
         old = table_store.VERSION
         table_store.VERSION = old + 1
         try:
@@ -254,13 +254,12 @@ def test_a_damaged_stored_table_is_deleted_counted_and_built_again(tmp_path, dam
     assert TableStore(str(tmp_path)).load("cd" * 20).rows == rows  # stored again, whole
 
 
-def test_the_table_store_is_bounded_least_recently_used_out_first(tmp_path):
+def test_the_table_store_is_bounded_least_recently_used_out_first(tmp_path, monkeypatch):
     def table(n):
         return eh_frame.UnwindTable(rows=eh_frame.ROW.pack(n, 8, 1, 0) * 100, fdes=1,
                                     unsupported_rows=0)
 
-    size = len(__import__("services.collector.unwind.table_store", fromlist=["x"])
-               ._encode(table(1)))
+    size = len(table_store._encode(table(1)))
     store = TableStore(str(tmp_path), max_bytes=3 * size)
     for i, build_id in enumerate(["aa", "bb", "cc"]):
         store.save(build_id, table(i))
@@ -271,9 +270,13 @@ def test_the_table_store_is_bounded_least_recently_used_out_first(tmp_path):
     # A table used from memory keeps its file too: cc was stored first, but is in use.
     cache = TableCache(build=lambda p: table(9), store=store)
     os.utime(tmp_path / "cc.table", (1000, 1000))
-    cache.get("cc", "/x")  # read from disk into memory
+    cache.get("cc", "/x")  # read from disk into memory (which touches it)
     os.utime(tmp_path / "cc.table", (1000, 1000))
-    cache.get("cc", "/x")  # from memory: touched
+    cache.get("cc", "/x")  # from memory, just after the read: no second touch
+    assert os.stat(tmp_path / "cc.table").st_mtime == 1000
+    later = time.monotonic() + table_store.TOUCH_EVERY
+    monkeypatch.setattr(table_store.time, "monotonic", lambda: later)
+    cache.get("cc", "/x")  # from memory an hour on: touched
     assert os.stat(tmp_path / "cc.table").st_mtime > 1000
     os.utime(tmp_path / "aa.table", (2000, 2000))
     store.save("ee", table(5))  # aa goes, not cc

@@ -28,6 +28,7 @@ log = logging.getLogger("parca_agent.collector.unwind")
 
 DEFAULT_MAX_BYTES = 256 << 20
 TOUCH_EVERY = 3600.0  # seconds between mtime updates of a table in use from memory
+TOUCHED_MAX = 4096  # build ids whose last touch is remembered; past it, forgotten (a touch more)
 MAGIC = b"PAUT"
 # Bump when the rows' layout (eh_frame.ROW) or their meaning changes: older files are rebuilt.
 VERSION = 1
@@ -64,22 +65,25 @@ class TableStore:
         if table is None:
             self._bad(path, "corrupt or of another format version")
             return None
-        try:
-            os.utime(path)  # recently used: evicted last
-        except OSError:
-            pass
+        self._utime(build_id, path)  # recently used: evicted last
         self._count("unwind_tables_loaded_from_disk_total")
         return table
 
     def touch(self, build_id: str) -> None:
         """The table is still in use (from memory): keep it from eviction, at most hourly."""
-        now = time.monotonic()
-        if now - self._touched.get(build_id, -TOUCH_EVERY) < TOUCH_EVERY:
+        if time.monotonic() - self._touched.get(build_id, -TOUCH_EVERY) < TOUCH_EVERY:
             return
         path = self._path(build_id)
-        if path is None:
-            return
-        self._touched[build_id] = now
+        if path is not None:
+            self._utime(build_id, path)
+
+    def _note_touched(self, build_id: str) -> None:
+        if len(self._touched) >= TOUCHED_MAX:
+            self._touched.clear()
+        self._touched[build_id] = time.monotonic()
+
+    def _utime(self, build_id: str, path: str) -> None:
+        self._note_touched(build_id)
         try:
             os.utime(path)
         except OSError:
@@ -105,6 +109,7 @@ class TableStore:
             except OSError:
                 pass
             return
+        self._note_touched(build_id)  # just written: no touch needed for an hour
         self.bytes += len(data)
         if self.bytes > self.max_bytes:
             self._evict()
