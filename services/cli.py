@@ -7,7 +7,6 @@ on to its children, so a service reads exactly what this command validated.
 
 from __future__ import annotations
 
-import ctypes
 import grp
 import os
 import pwd
@@ -17,11 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services import parent_death
 from services.settings import Settings, SettingsError, build_parser, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = ROOT / "deploy" / "supervisord.conf"
-PR_SET_PDEATHSIG = 1  # prctl(2)
 DESCRIPTION = """\
 An eBPF sampling profiler for Linux hosts and Kubernetes nodes, compatible with Parca Agent.
 Samples every CPU's user and kernel stacks, builds one pprof profile per target and window,
@@ -114,12 +113,10 @@ def run_supervised(settings: Settings) -> int:
     supervisord = shutil.which("supervisord", path=os.path.dirname(sys.executable)) or "supervisord"
     # supervisord (root, no change of credentials on exec) is told of our death too: a
     # SIGKILLed parca-agent must not leave it and the services running on.
-    # (prctl resolved here: the child between fork and exec should only make the call.)
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
     me = os.getpid()
 
     def die_with_us() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        parent_death.ask(signal.SIGTERM)
         if os.getppid() != me:  # we died between the fork and the request
             os._exit(1)
 

@@ -8,7 +8,6 @@ closed their sockets.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -22,6 +21,7 @@ from typing import Iterable
 import zmq
 
 from services import wire
+from services.parent_death import die_with_parent
 from services.settings import Settings, SettingsError, load
 
 # Seconds between heartbeats; the UI calls a service dead after missing about three. Each one
@@ -99,35 +99,6 @@ class StopFlag:
 
     def wait(self, seconds: float | None) -> bool:
         return self._event.wait(seconds)
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask the kernel for ``sig`` when our parent (supervisord, or parca-agent for supervisord)
-    dies, so that a SIGKILLed supervisor leaves no service running on (a collector with its BPF
-    program attached, sampling for nobody). Set by each service itself: the kernel clears it
-    when credentials change, and supervisord drops the services to the agent's user."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            return  # not Linux, or refused: the supervisor's own stop still works
-    except (OSError, AttributeError):
-        return
-    # Our parent may have died before the request (between supervisord's fork and here): then
-    # nobody will signal us, and the process we now hang from is not supervisord.
-    if os.environ.get("SUPERVISOR_ENABLED") and process_comm(os.getppid()) != "supervisord":
-        os.kill(os.getpid(), sig)
-
-
-def process_comm(pid: int) -> str:
-    """/proc/<pid>/comm, or "" when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/comm") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
 
 
 def settle_gc() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime import process_comm
+from services.parent_death import process_comm
 from tests.helpers.agent import bpf_program_loaded, running_agent
 from tests.helpers.services import wait_until
 from tests.helpers.workload import CHAIN_SOURCE, build_chain_workload, compile_c
