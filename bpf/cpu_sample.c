@@ -3,7 +3,7 @@
 // collector only drains aggregates; unprofiled work costs one filter lookup.
 //
 // The collector compiles this with BCC and sets, with -D: COUNTS_MAX, STACKS_MAX, FILTER_MAX,
-// and DWARF_UNWIND (0 or 1) with, when 1, UNWIND_ROWS_MAX, UNWIND_PROCESSES_MAX and
+// KNOWN_PIDS_MAX, NEW_PIDS_MAX, and DWARF_UNWIND (0 or 1) with, when 1, UNWIND_ROWS_MAX, UNWIND_PROCESSES_MAX and
 // UNWOUND_STACKS_MAX.
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
@@ -39,6 +39,13 @@ BPF_HASH(filter_cgroups, u64, u8, FILTER_MAX);
 BPF_HASH(filter_pids, u32, u8, FILTER_MAX);
 BPF_ARRAY(filter_enabled, u32, 1);
 BPF_PERCPU_ARRAY(problems, u64, PROBLEM_KINDS);
+// Processes whose /proc the collector has read. A sampled process missing from it is put in
+// new_pids, which the collector empties every second although it drains the counts only every
+// few seconds on small hosts: a new process has its maps read (and its unwind tables loaded)
+// within about a second of its first sample, while it still lives. LRU: a process evicted
+// here is only announced once more, and the collector knows it already.
+BPF_TABLE("lru_hash", u32, u8, known_pids, KNOWN_PIDS_MAX);
+BPF_HASH(new_pids, u32, u8, NEW_PIDS_MAX);
 
 static __always_inline void note(u32 kind) {
     u64 *n = problems.lookup(&kind);
@@ -53,6 +60,15 @@ static __always_inline void note_stack_error(int err, u32 collision, u32 fault) 
         note(fault);
     else
         note(STACK_OTHER_ERROR);
+}
+
+static __always_inline void note_new_process(u32 tgid) {
+    if (known_pids.lookup(&tgid))
+        return;
+    u8 one = 1;
+    // BPF_NOEXIST: already waiting to be read. When new_pids is full the pid simply waits for
+    // the next count drain, which reads every process it does not know either.
+    new_pids.insert(&tgid, &one);
 }
 
 // Adds one to the sample's count.
@@ -390,6 +406,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
             return 0;
         }
     }
+
+    note_new_process(tgid);
 
     struct sample_key key = {};
     key.pid = tgid;

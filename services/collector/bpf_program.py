@@ -33,6 +33,8 @@ COUNTS_MIN = 4096
 COUNTS_HEADROOM_S = 16
 STACKS_MAX = 16384  # distinct stacks per drain; more raise the chance of -EEXIST collisions
 FILTER_MAX = 16384  # cgroups and pids to profile
+KNOWN_PIDS_MAX = 16384  # processes the kernel side knows the collector has read (LRU)
+NEW_PIDS_MAX = 1024  # new processes between two checks (a second); more wait for a drain
 MAX_DEPTH = 127  # the kernel's PERF_MAX_STACK_DEPTH default, what bpf_get_stackid records
 
 # .eh_frame unwinding (bpf/cpu_sample.c), --dwarf-unwind:
@@ -115,7 +117,8 @@ def check_environment() -> None:
 CountEntry = tuple[int, int, int, int, int, int]
 
 
-MAPS = ("counts", "stack_traces", "filter_cgroups", "filter_pids", "filter_enabled", "problems")
+MAPS = ("counts", "stack_traces", "filter_cgroups", "filter_pids", "filter_enabled", "problems",
+        "known_pids", "new_pids")
 UNWIND_MAPS = ("unwind_rows", "unwind_mappings", "unwind_processes", "unwound_stacks",
                "unwind_stats", "unwind_programs")
 
@@ -157,6 +160,10 @@ class CpuSampler:
         self.filter_cgroups = maps["filter_cgroups"]
         self.filter_pids = maps["filter_pids"]
         self.filter_enabled = maps["filter_enabled"]
+        self.known_pids = maps["known_pids"]
+        self.new_pids = maps["new_pids"]
+        self._new_keys = ct.create_string_buffer(4 * NEW_PIDS_MAX)
+        self._new_values = ct.create_string_buffer(NEW_PIDS_MAX)
         if self.unwinding:
             self.unwind_rows = maps["unwind_rows"]
             self.unwind_processes = maps["unwind_processes"]
@@ -181,7 +188,8 @@ class CpuSampler:
     def _load(unwind: bool, counts_max: int = COUNTS_MAX):
         cflags = [f"-DCOUNTS_MAX={counts_max}", f"-DSTACKS_MAX={STACKS_MAX}",
                   f"-DUNWOUND_STACKS_MAX={counts_max}",
-                  f"-DFILTER_MAX={FILTER_MAX}", f"-DDWARF_UNWIND={int(unwind)}"]
+                  f"-DFILTER_MAX={FILTER_MAX}", f"-DKNOWN_PIDS_MAX={KNOWN_PIDS_MAX}",
+                  f"-DNEW_PIDS_MAX={NEW_PIDS_MAX}", f"-DDWARF_UNWIND={int(unwind)}"]
         maps, tail_calls = list(MAPS), []
         if unwind:
             cflags += [f"-DUNWIND_ROWS_MAX={UNWIND_ROWS_MAX}",
@@ -227,6 +235,45 @@ class CpuSampler:
                 user = UNWOUND_STACK_BASE + unwound
             entries.append((pid, tid, cgroup, user, kernel, VALUE.unpack(value)[0]))
         return entries
+
+    def take_new_pids(self) -> list[int]:
+        """Processes sampled since the last call that are not marked known (see
+        mark_known), each once; they are taken out of the kernel's list."""
+        if self._batch_ok:
+            try:
+                n = self.new_pids.lookup_and_delete_batch(self._new_keys, self._new_values)
+                return list(struct.unpack(f"<{n}I", ct.string_at(self._new_keys, 4 * n)))
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, 524, errno.EOPNOTSUPP):
+                    raise
+                self._batch_ok = False
+        pids = []
+        for key in self.new_pids.keys():
+            if self.new_pids.delete(key):
+                pids.append(struct.unpack("<I", key)[0])
+        return pids
+
+    def mark_known(self, pids: list[int]) -> None:
+        """These processes' /proc has been read: their samples stop announcing them."""
+        if not pids:
+            return
+        if self._batch_ok:
+            try:
+                self.known_pids.update_batch(struct.pack(f"<{len(pids)}I", *pids),
+                                             b"\x01" * len(pids), len(pids))
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, 524, errno.EOPNOTSUPP):
+                    raise
+                self._batch_ok = False
+        for pid in pids:
+            self.known_pids.update(struct.pack("<I", pid), b"\x01")
+
+    def forget_known(self, pids: list[int]) -> None:
+        """These processes were forgotten: a process that takes one of their pids is
+        announced again."""
+        for pid in pids:
+            self.known_pids.delete(struct.pack("<I", pid))
 
     def take_stack(self, stack_id: int) -> list[int] | None:
         """The addresses of one stack, innermost first; the stack is deleted from the map

@@ -183,12 +183,13 @@ class ProcessTable:
         for info in self.processes.values():
             info.last_published = -math.inf
 
-    def forget_idle(self, now: float | None = None) -> int:
+    def forget_idle(self, now: float | None = None) -> list[int]:
+        """Drop the processes not sampled for FORGET_AFTER; their pids."""
         now = time.monotonic() if now is None else now
         idle = [pid for pid, i in self.processes.items() if now - i.last_seen >= FORGET_AFTER]
         for pid in idle:
             del self.processes[pid]
-        return len(idle)
+        return idle
 
     def _remember(self, info: ProcessInfo) -> None:
         self.processes[info.pid] = info

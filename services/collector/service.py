@@ -1,6 +1,6 @@
-"""The collector's loop: drain the kernel's counts every second, publish them with the stacks,
-kernel names and process metadata on the raw stream, and keep the in-kernel filter in step
-with discovery's targets."""
+"""The collector's loop: drain the kernel's counts every few seconds (DRAIN_SAMPLES), publish
+them with the stacks, kernel names and process metadata on the raw stream, read new processes
+every second, and keep the in-kernel filter in step with discovery's targets."""
 
 from __future__ import annotations
 
@@ -23,10 +23,21 @@ from services.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("parca_agent.collector")
 
-# Seconds at most between drains: short against a 10 s window, long enough to fold repeats
-# in-kernel. The interval used is the window split evenly into parts no longer than this (1 s
-# for whole-second windows, 0.5 s for 2.5 s ones), so that drains fall on window edges.
-DRAIN_INTERVAL = 1.0
+# Drains: each one costs about a millisecond of CPU whatever it holds (batch calls that walk
+# every bucket of the count and stack maps, the batch's encoding, the aggregator's decoding),
+# so the collector drains as rarely as the maps allow: every DRAIN_SAMPLES samples the CPUs
+# can take at most (kept well under STACKS_MAX, whose buckets collide more as it fills),
+# within [DRAIN_INTERVAL_MIN, DRAIN_INTERVAL_MAX] seconds: 5 s on 2 CPUs at 100 Hz, 1 s from
+# 10 CPUs. The interval used is the window split evenly into parts no longer than that, so
+# that drains fall on window edges. New processes do not wait for a drain: see NEW_PROCESS_EVERY.
+DRAIN_SAMPLES = 1024
+DRAIN_INTERVAL_MIN = 1.0
+DRAIN_INTERVAL_MAX = 5.0
+# How often the kernel's list of newly sampled processes is read (a batch call on a small map,
+# tens of microseconds): a new process's metadata is read and published, and its unwind tables
+# requested, within about this long of its first sample, even if it lives shorter than a drain
+# interval. Late subscribers are served on the same tick.
+NEW_PROCESS_EVERY = 1.0
 FORGET_EVERY = 30.0
 # A subscriber that joins is sent every process's metadata at the next drain, at most this
 # often however many join: a peer that keeps subscribing cannot make the collector resend
@@ -73,7 +84,8 @@ class Collector:
             self.unwinder = UnwindLoader(sampler, settings.proc_path, metrics,
                                          store_dir=os.path.join(settings.cache_dir, "unwind"))
             self.unwinder.start()
-        self.drain_interval = drain_interval(settings.profiling_duration)
+        self.drain_interval = drain_interval(settings.profiling_duration, os.cpu_count() or 1,
+                                             settings.sampling_frequency)
         self._last_drain_ns = time.time_ns()
         self.filtering = False
         self._agent_marker = f"{ENV_PREFIX}RUN_DIR={settings.run_dir}".encode()
@@ -87,13 +99,14 @@ class Collector:
         poller.register(stop.fileno(), zmq.POLLIN)  # SIGTERM wakes the sleep below
         interval = self.drain_interval
         next_drain = _next_boundary(time.time(), interval)
+        next_tick = time.monotonic() + NEW_PROCESS_EVERY
         next_forget = time.monotonic() + FORGET_EVERY
         while not stop.is_set():
-            # Sleep until the next drain: targets wake it, nothing else needs doing before.
+            # Sleep until the next drain or tick: targets and subscriptions wake it too.
             # Drains fall on wall-clock multiples of the interval, which divides the window
             # (windows are wall-clock multiples of their length): a batch then covers time of
             # one window only, and the aggregator places it by its middle.
-            wait = min(next_drain - time.time(), interval)
+            wait = min(next_drain - time.time(), interval, next_tick - time.monotonic())
             ready = dict(poller.poll(runtime.poll_ms(time.monotonic() + wait)))
             if self.targets in ready:
                 self._read_targets()
@@ -104,10 +117,14 @@ class Collector:
             if wall >= next_drain or next_drain - wall > interval:  # or the clock moved
                 self.drain_once()
                 next_drain = _next_boundary(wall, interval)
+                next_tick = now + NEW_PROCESS_EVERY  # the drain did the tick's work
+            elif now >= next_tick:
+                self.tick()
+                next_tick = now + NEW_PROCESS_EVERY
             if self.heartbeat.due():
                 self.send_heartbeat()
             if now >= next_forget:
-                self.processes.forget_idle()
+                self.sampler.forget_known(self.processes.forget_idle())
                 next_forget = now + FORGET_EVERY
         # Flush what the kernel counted since the last drain before going.
         self.drain_once()
@@ -143,6 +160,39 @@ class Collector:
         self.filtering = filtering
         self.metrics.set("filter_cgroups", len(cgroups) if filtering else 0)
         self.metrics.set("filter_pids", len(pids) if filtering else 0)
+
+    def tick(self) -> None:
+        """Between drains: publish the processes the kernel saw for the first time, and
+        every process again if a subscriber joined."""
+        self._read_new_processes()
+        self._announce_if_joined(time.monotonic())
+
+    def _read_new_processes(self) -> None:
+        pids = self.sampler.take_new_pids()
+        if not pids:
+            return
+        observe, now = self.processes.observe, time.monotonic()
+        for pid in pids:
+            body = observe(pid, (), now)  # None: known already, or gone before we looked
+            if body is not None:
+                self._publish_process(body)
+        self.sampler.mark_known(pids)
+        self.metrics.inc("new_processes_total", len(pids))
+
+    def _publish_process(self, body: dict) -> None:
+        """Send a process read for the first time or again (new, remapped or reused), and
+        (re)load its tables, unless it is one of the agent's own processes."""
+        self._send("process", body)
+        if self.unwinder is not None and not self._is_agent(body["pid"]):
+            self.unwinder.request(body["pid"], 1)
+
+    def _announce_if_joined(self, now: float) -> None:
+        if self._newcomers and now - self._announced >= ANNOUNCE_EVERY:
+            self._newcomers = False
+            self._announced = now
+            self.processes.republish_all_soon()
+        for body in self.processes.due_republish(now):
+            self._send("process", body)
 
     def drain_once(self) -> None:
         started = time.perf_counter()
@@ -195,6 +245,9 @@ class Collector:
                     kernel_symbols[address] = name(address)
 
         # Metadata first, so a subscriber knows a process before its first samples arrive.
+        # Most new processes were read on a tick already (new_pids); this catches the rest
+        # (remaps, pid reuse, a full new_pids map) and the ones announced since the last tick.
+        self._read_new_processes()
         observe = self.processes.observe
         for pid, indexes in user_stacks.items():
             addresses: set[int] = set()
@@ -202,18 +255,8 @@ class Collector:
                 addresses.update(stacks[i])
             body = observe(pid, addresses)
             if body is not None:
-                self._send("process", body)
-                # New, remapped or reused: (re)load its tables, unless it is one of the agent's
-                # own processes.
-                if self.unwinder is not None and not self._is_agent(pid):
-                    self.unwinder.request(pid, samples.get(pid, 1))
-        now = time.monotonic()
-        if self._newcomers and now - self._announced >= ANNOUNCE_EVERY:
-            self._newcomers = False
-            self._announced = now
-            self.processes.republish_all_soon()
-        for body in self.processes.due_republish(now):
-            self._send("process", body)
+                self._publish_process(body)
+        self._announce_if_joined(time.monotonic())
 
         problems = self._update_problems(lost)
         if self.unwinder is not None:
@@ -280,9 +323,12 @@ class Collector:
         runtime.unlink_endpoint(self.address)
 
 
-def drain_interval(window_s: float) -> float:
-    """The window split evenly into the fewest parts no longer than DRAIN_INTERVAL."""
-    return window_s / max(1, math.ceil(window_s / DRAIN_INTERVAL - 1e-9))
+def drain_interval(window_s: float, cpus: int, frequency: int) -> float:
+    """The window split evenly into the fewest parts no longer than the longest interval the
+    maps allow on this host (see DRAIN_SAMPLES)."""
+    longest = min(DRAIN_INTERVAL_MAX,
+                  max(DRAIN_INTERVAL_MIN, DRAIN_SAMPLES / max(1, cpus * frequency)))
+    return window_s / max(1, math.ceil(window_s / longest - 1e-9))
 
 
 def _next_boundary(wall: float, interval: float) -> float:
