@@ -100,7 +100,10 @@ def run(settings: Settings, stop: runtime.StopFlag, log: logging.Logger,
             if not waiting_for_pods and (now >= next_scan or pods_changed):
                 if pod_watcher is not None:
                     pod_watcher.changed.clear()
-                next_scan = now + RESCAN_SECONDS
+                # With no source (a plain host: every process profiled, one target each) the
+                # snapshot cannot change: one scan, then only the repeats and heartbeats.
+                static = pod_watcher is None and discovery.units is None
+                next_scan = math.inf if static else now + RESCAN_SECONDS
                 try:
                     body = discovery.snapshot().to_wire()
                 except Exception as e:  # a scan must never end the service
