@@ -165,18 +165,22 @@ class Collector:
         """Between drains: publish the processes the kernel saw for the first time, and
         every process again if a subscriber joined."""
         self._read_new_processes()
-        self._announce_if_joined(time.monotonic())
+        if self._announce_if_joined(time.monotonic()):
+            self._republish_due()
 
     def _read_new_processes(self) -> None:
         pids = self.sampler.take_new_pids()
         if not pids:
             return
         observe, now = self.processes.observe, time.monotonic()
+        known = self.processes.processes
         for pid in pids:
             body = observe(pid, (), now)  # None: known already, or gone before we looked
             if body is not None:
                 self._publish_process(body)
-        self.sampler.mark_known(pids)
+        # Only the ones read: one that could not be (in execve, say) is listed again by its
+        # next sample and retried; one that is gone is not sampled again.
+        self.sampler.mark_known([pid for pid in pids if pid in known])
         self.metrics.inc("new_processes_total", len(pids))
 
     def _publish_process(self, body: dict) -> None:
@@ -186,12 +190,20 @@ class Collector:
         if self.unwinder is not None and not self._is_agent(body["pid"]):
             self.unwinder.request(body["pid"], 1)
 
-    def _announce_if_joined(self, now: float) -> None:
+    def _announce_if_joined(self, now: float) -> bool:
+        """Make every process due for republishing if a subscriber joined (at most every
+        ANNOUNCE_EVERY); whether it did."""
         if self._newcomers and now - self._announced >= ANNOUNCE_EVERY:
             self._newcomers = False
             self._announced = now
             self.processes.republish_all_soon()
-        for body in self.processes.due_republish(now):
+            return True
+        return False
+
+    def _republish_due(self) -> None:
+        """Send the processes due: all after a join, else each every REPUBLISH_EVERY. A walk
+        over every process: done at drains and after joins, not every tick."""
+        for body in self.processes.due_republish():
             self._send("process", body)
 
     def drain_once(self) -> None:
@@ -257,6 +269,7 @@ class Collector:
             if body is not None:
                 self._publish_process(body)
         self._announce_if_joined(time.monotonic())
+        self._republish_due()
 
         problems = self._update_problems(lost)
         if self.unwinder is not None:
