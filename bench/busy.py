@@ -1,7 +1,7 @@
 """The bench's Python workload: a small call chain in a loop, counting finished iterations.
 
-argv[1]: seconds to run (0: until SIGTERM or SIGINT). Prints "iterations=N seconds=S" at exit,
-like chain_workload.c, so both are read the same way.
+argv[1]: seconds to run (0: until SIGTERM or SIGINT). Prints "iterations=N seconds=S cpu=C" at
+exit (C: its own CPU seconds), like chain_workload.c, so both are read the same way.
 """
 
 import signal
@@ -42,7 +42,8 @@ def main() -> None:
         iterations += 1
         if seconds and time.monotonic() - start >= seconds:
             break
-    print(f"iterations={iterations} seconds={time.monotonic() - start:.6f}", flush=True)
+    print(f"iterations={iterations} seconds={time.monotonic() - start:.6f} "
+          f"cpu={time.process_time():.6f}", flush=True)
 
 
 if __name__ == "__main__":

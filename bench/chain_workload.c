@@ -3,7 +3,8 @@
  *
  * argv[1]: seconds to run (0: until SIGTERM or SIGINT); argv[2]: busy share in percent
  * (default 100: it sleeps the rest of every 10 ms slice). At exit it prints one line,
- * "iterations=N seconds=S", and the bench divides the two. The tests build it too
+ * "iterations=N seconds=S cpu=C" (C: its own CPU seconds, interrupt-time work charged to it
+ * included), and the bench divides them. The tests build it too
  * (tests/helpers/workload.py): one workload for both.
  *
  * Every function keeps a volatile local array: gcc drops the frame pointer of frameless leaf
@@ -69,6 +70,9 @@ int main(int argc, char **argv) {
             slice = now();
         }
     }
-    printf("iterations=%lu seconds=%.6f\n", iterations, now() - start);
+    struct timespec cpu;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);
+    printf("iterations=%lu seconds=%.6f cpu=%.6f\n", iterations, now() - start,
+           cpu.tv_sec + cpu.tv_nsec / 1e9);
     return (int)(sink & 0);
 }

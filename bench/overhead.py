@@ -10,6 +10,13 @@ perf, bcc, none, ...) so that a drift in the machine's load hits every profiler 
   divided by the same duration; for bcc this includes compiling its program and printing.
 - Neither counts the BPF programs or perf's sampling in interrupt context: the kernel charges
   that to the interrupted task, the workload, which is why its throughput is measured too.
+- Slowdown: three busy processes share two cores, and how the scheduler splits them moves each
+  kind's wall rate by +-10 % between rounds with no profiler at all. So the goal's figure is
+  the work the whole workload got done: each kind's iterations divided by what an iteration
+  costs (CPU seconds per iteration, from its own CPU clock, in the rounds without a profiler),
+  summed, per wall second: the CPUs' worth of work the workload got. A profiler lowers it by
+  the CPU it takes from the workload and by the sampling work the kernel charges to it; the
+  split between the kinds does not move it. Each kind's own rate is reported beside it.
 - The agent keeps one cache directory across its rounds, as it does across restarts on a host:
   round 1 builds the workload's unwind tables (libpython's alone takes about a second of CPU)
   and stores them; later rounds read them back. Round 1's figure is reported on its own.
@@ -54,6 +61,8 @@ def trial(profiler, binary: str, duration: float) -> dict:
         return {"profiler": profiler.name, "cpu_window_s": round(cpu1 - cpu0, 3),
                 "cpu_total_s": round(total, 3), "c_rate": round(rates["c"], 2),
                 "python_rate": round(rates["python"], 2),
+                "workload": {kind: {k: round(v, 6) for k, v in t.items()}
+                             for kind, t in workload.totals.items()},
                 "perf_output_mb": getattr(profiler, "output_mb", None) if profiler.name == "perf"
                 else None,
                 "settle_s": getattr(profiler, "settle_s", None),
@@ -85,6 +94,7 @@ def summarize(trials: list[dict], duration: float) -> dict:
         by_profiler["agent"]["services_cpu_window_per_s"] = {
             n: _rnd(median([t["services_cpu_window_s"].get(n, 0.0) / duration
                             for t in agent_trials])) for n in names}
+    _work(trials, by_profiler, duration)
     base = by_profiler.get("none", {})
     perf = by_profiler.get("perf", {})
     perf_windows = by_profiler.get("perf-10s", {})
@@ -100,6 +110,37 @@ def summarize(trials: list[dict], duration: float) -> dict:
             b, r = base.get(f"{kind}_rate"), s[f"{kind}_rate"]
             s[f"{kind}_slowdown_pct"] = round((1 - r / b) * 100, 2) if b and r else None
     return by_profiler
+
+
+def _work(trials: list[dict], by_profiler: dict, duration: float) -> None:
+    """Per profiler: the workload's work per wall second in CPUs' worth of unprofiled work
+    (see the module's docstring), its slowdown against none, and each kind's iterations per
+    CPU second of its own (what in-kernel sampling costs it shows there)."""
+    ok = [t for t in trials if "error" not in t and t.get("workload")]
+    baseline = [t for t in ok if t["profiler"] == "none"]
+    if not baseline:
+        return
+    kinds = list(baseline[0]["workload"])
+    per_cpu = {k: median([t["workload"][k]["iterations"] / t["workload"][k]["cpu"]
+                          for t in baseline if t["workload"][k]["cpu"] > 0]) for k in kinds}
+    if any(v is None or v <= 0 for v in per_cpu.values()):
+        return
+    for name, s in by_profiler.items():
+        mine = [t for t in ok if t["profiler"] == name]
+        if not mine:
+            continue
+        s["work_cpus"] = _rnd(median([sum(t["workload"][k]["iterations"] / per_cpu[k]
+                                          for k in kinds) / duration for t in mine]))
+        for k in kinds:
+            s[f"{k}_per_cpu_s"] = round(median([t["workload"][k]["iterations"]
+                                                / t["workload"][k]["cpu"] for t in mine]), 2)
+    base = by_profiler["none"]
+    for name, s in by_profiler.items():
+        s["work_slowdown_pct"] = round((1 - s["work_cpus"] / base["work_cpus"]) * 100, 2) \
+            if s.get("work_cpus") and base.get("work_cpus") else None
+        for k in kinds:
+            b, r = base.get(f"{k}_per_cpu_s"), s.get(f"{k}_per_cpu_s")
+            s[f"{k}_per_cpu_loss_pct"] = round((1 - r / b) * 100, 2) if b and r else None
 
 
 def _rnd(x):
@@ -130,10 +171,12 @@ def run(args) -> dict:
     summary = summarize(trials, args.duration)
     rows = [[name, s["cpu_window_per_s"], s["cpu_window_ratio_to_perf"],
              s["cpu_window_ratio_to_perf_10s"], s["cpu_total_per_s"],
-             s["cpu_total_ratio_to_perf"], s["c_rate"], s["c_slowdown_pct"], s["python_rate"],
+             s["cpu_total_ratio_to_perf"], s.get("work_cpus"), s.get("work_slowdown_pct"),
+             s["c_rate"], s["c_slowdown_pct"], s["python_rate"],
              s["python_slowdown_pct"]] for name, s in summary.items()]
     print(table(["profiler", "cpu/s", "÷perf", "÷perf-10s", "cpu/s total", "÷perf total",
-                 "C it/s", "C slow %", "py it/s", "py slow %"], rows))
+                 "work CPUs", "work slow %", "C it/s", "C slow %", "py it/s", "py slow %"],
+                rows))
     return {"args": {"duration": args.duration, "repeats": args.repeats},
             "short": args.duration < DEFAULT_DURATION or args.repeats < DEFAULT_REPEATS,
             "notes": {p.name: p.note for p in profilers},

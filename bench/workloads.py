@@ -77,14 +77,22 @@ class Workload:
                 r.proc.terminate()
 
     def wait(self, timeout: float) -> dict[str, float]:
-        """Iterations per second, summed per kind: {"c": ..., "python": ...}."""
+        """Iterations per second, summed per kind: {"c": ..., "python": ...}. ``self.totals``
+        then holds, per kind, the iterations, wall seconds and CPU seconds of its processes
+        (summed)."""
         rates: dict[str, float] = {}
+        self.totals: dict[str, dict[str, float]] = {}
         for r in self.runs:
             out, _ = r.proc.communicate(timeout=timeout)
-            m = re.search(r"iterations=(\d+) seconds=([\d.]+)", out or "")
+            m = re.search(r"iterations=(\d+) seconds=([\d.]+)(?: cpu=([\d.]+))?", out or "")
             if not m:
                 raise RuntimeError(f"{r.kind} workload printed no count: {out!r}")
-            rates[r.kind] = rates.get(r.kind, 0.0) + int(m.group(1)) / float(m.group(2))
+            iterations, seconds = int(m.group(1)), float(m.group(2))
+            rates[r.kind] = rates.get(r.kind, 0.0) + iterations / seconds
+            total = self.totals.setdefault(r.kind, {"iterations": 0, "seconds": 0.0, "cpu": 0.0})
+            total["iterations"] += iterations
+            total["seconds"] += seconds
+            total["cpu"] += float(m.group(3) or "nan")
         return rates
 
     def kill(self) -> None:
