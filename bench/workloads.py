@@ -63,8 +63,12 @@ class Workload:
             self.runs.append(Run("c", subprocess.Popen([self.chain_binary, arg],
                                                        stdout=subprocess.PIPE, text=True)))
         for _ in range(self.pythons):
+            # One address layout and hash seed for every run: with ASLR, busy.py's iterations
+            # per CPU second alone move between about 770 and 1,220 from one start to the next
+            # (measured here); with both fixed, within a few percent.
             self.runs.append(Run("python", subprocess.Popen(
-                [sys.executable, str(BUSY_SOURCE), arg], stdout=subprocess.PIPE, text=True)))
+                ["setarch", "-R", sys.executable, str(BUSY_SOURCE), arg], stdout=subprocess.PIPE,
+                text=True, env={**os.environ, "PYTHONHASHSEED": "0"})))
         return self
 
     def pids(self, kind: str | None = None) -> list[int]:
