@@ -291,3 +291,72 @@ def test_frames_are_cached_per_file_and_the_cache_stays_bounded(c_binary, monkey
         assert names_of(tiny, mapping, [str(c_binary)], addresses) == \
             ["alpha", "beta", "alpha", None]
         assert tiny._cached_frames <= 3
+
+
+def test_parsed_tables_are_kept_on_disk_and_read_back_by_the_next_start(c_binary, tmp_path):
+    """A restarted aggregator reads each table it parsed before from <cache-dir>/symbols by
+    build id instead of parsing the ELF file again: here the file is gone by then, and the
+    names still come."""
+    from services.aggregator.symbol_store import SymbolStore
+
+    copy = tmp_path / "bin" / "copy"
+    copy.parent.mkdir()
+    copy.write_bytes(c_binary.read_bytes())
+    symbols = fx.function_addresses(c_binary)
+    mapping = mapping_for(copy)
+    addresses = [PIE_BASE + symbols["alpha"] + 3, PIE_BASE + symbols["beta"],
+                 PIE_BASE + symbols["main"]]
+    store_dir = tmp_path / "symbols"
+    first = Symbolizer(store=SymbolStore(str(store_dir)))
+    assert names_of(first, mapping, [str(copy)], addresses) == ["alpha", "beta", "main"]
+    stored = store_dir / f"{mapping.build_id}.symbols"
+    assert stored.is_file() and os.stat(store_dir).st_mode & 0o777 == 0o700
+    copy.unlink()
+    metrics = Metrics("t")
+    second = Symbolizer(store=SymbolStore(str(store_dir), metrics=metrics))
+    assert names_of(second, mapping, [str(copy)], addresses) == ["alpha", "beta", "main"]
+    assert metrics.get("symbol_tables_loaded_from_disk_total") == 1
+    # The whole table survives the trip, not only these names.
+    original = Symbolizer()._load(str(c_binary), str(c_binary))
+    back = SymbolStore(str(store_dir)).load(mapping.build_id)
+    assert (back.build_id, back.segments, back.starts, back.ends, back.names) == \
+        (original.build_id, original.segments, original.starts, original.ends, original.names)
+
+
+def test_a_damaged_stored_table_is_parsed_again(c_binary, tmp_path):
+    from services.aggregator.symbol_store import SymbolStore
+
+    symbols = fx.function_addresses(c_binary)
+    mapping = mapping_for(c_binary)
+    addresses = [PIE_BASE + symbols["alpha"], PIE_BASE + symbols["beta"]]
+    store_dir = tmp_path / "symbols"
+    names_of(Symbolizer(store=SymbolStore(str(store_dir))), mapping, [str(c_binary)], addresses)
+    stored = store_dir / f"{mapping.build_id}.symbols"
+    for damage in (lambda b: b[:len(b) // 2], lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:],
+                   lambda b: b""):
+        good = stored.read_bytes()
+        stored.write_bytes(damage(good))
+        metrics = Metrics("t")
+        again = Symbolizer(store=SymbolStore(str(store_dir), metrics=metrics))
+        assert names_of(again, mapping, [str(c_binary)], addresses) == ["alpha", "beta"]
+        assert metrics.get("symbol_tables_corrupt_total") == 1
+        assert stored.read_bytes() == good  # parsed again and stored again, whole
+
+
+def test_a_stored_table_gives_way_to_a_debug_file_installed_since(c_binary, tmp_path):
+    """A stripped binary's table, stored without names for its static functions, is parsed
+    again once a debug file for its build id exists: installing a -dbgsym package helps a
+    running node at its next aggregator start, not never."""
+    from services.aggregator.symbol_store import SymbolStore
+
+    debug_dir = tmp_path / "debug"
+    stripped, _ = fx.split_debug(c_binary, tmp_path / "bin", debug_dir=debug_dir)
+    symbols = fx.function_addresses(c_binary)
+    mapping = mapping_for(stripped)
+    addresses = [PIE_BASE + symbols["alpha"] + 3, PIE_BASE + symbols["beta"]]
+    store = SymbolStore(str(tmp_path / "symbols"))
+    before = Symbolizer(debug_dirs=(str(tmp_path / "none"),), store=store)
+    assert names_of(before, mapping, [str(stripped)], addresses) == [None, None]
+    after = Symbolizer(debug_dirs=(str(debug_dir),), store=store)
+    assert names_of(after, mapping, [str(stripped)], addresses) == ["alpha", "beta"]
+    assert store.load(mapping.build_id).from_debug

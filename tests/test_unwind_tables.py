@@ -275,7 +275,9 @@ def test_the_table_store_is_bounded_least_recently_used_out_first(tmp_path, monk
     cache.get("cc", "/x")  # from memory, just after the read: no second touch
     assert os.stat(tmp_path / "cc.table").st_mtime == 1000
     later = time.monotonic() + table_store.TOUCH_EVERY
-    monkeypatch.setattr(table_store.time, "monotonic", lambda: later)
+    from services import build_id_store  # where the touch clock is read
+
+    monkeypatch.setattr(build_id_store.time, "monotonic", lambda: later)
     cache.get("cc", "/x")  # from memory an hour on: touched
     assert os.stat(tmp_path / "cc.table").st_mtime > 1000
     os.utime(tmp_path / "aa.table", (2000, 2000))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 
 import zmq
 
 from services import runtime, wire
+from services.aggregator.symbol_store import SymbolStore
 from services.aggregator.symbols import Symbolizer
 from services.aggregator.windows import WindowAggregator
 from services.profile_channel import ProfileSender
@@ -42,7 +44,9 @@ class Aggregator:
         self.bad_log = runtime.RateLimitedLog(log)
         self.windows = WindowAggregator(settings.node, settings.profiling_duration,
                                         settings.sampling_frequency,
-                                        Symbolizer(metrics=metrics), metrics,
+                                        Symbolizer(metrics=metrics,
+                                                   store=_symbol_store(settings, metrics)),
+                                        metrics,
                                         sampling_ratio=settings.sampling_ratio)
 
     def run(self, stop: runtime.StopFlag) -> None:
@@ -113,3 +117,15 @@ class Aggregator:
         for sock in (self.inputs, self.targets, self.pub):
             sock.close()
         runtime.unlink_endpoint(self.address)
+
+
+def _symbol_store(settings: Settings, metrics: runtime.Metrics) -> SymbolStore | None:
+    """Parsed symbol tables kept across restarts in <cache-dir>/symbols; without it (a cache
+    directory this user cannot write) the aggregator parses every file again after a restart."""
+    directory = os.path.join(settings.cache_dir, "symbols")
+    try:
+        return SymbolStore(directory, metrics=metrics)
+    except OSError as e:
+        log.warning("no symbol store at %s (%s): symbol tables are parsed again on each start",
+                    directory, e.strerror or e)
+        return None

@@ -63,6 +63,7 @@ class SymbolTable:
     starts: array  # sorted symbol addresses
     ends: array  # start + size, or 0 when the symbol has no size
     names: list[str]  # mangled, as in the file
+    from_debug: bool = False  # the names came from a separate debug file
     # What symbolize found before: file offset -> frame, and one Frame per name. A file's
     # hot addresses come back in every window; the Symbolizer bounds these caches.
     frames: dict[int, Frame | None] = field(default_factory=dict)
@@ -91,10 +92,13 @@ class Symbolizer:
 
     def __init__(self, metrics: Metrics | None = None, max_files: int = 256,
                  debug_dirs: tuple[str, ...] = ("/usr/lib/debug",),
-                 max_symbols: int = 2_000_000, max_frames: int = MAX_CACHED_FRAMES):
+                 max_symbols: int = 2_000_000, max_frames: int = MAX_CACHED_FRAMES,
+                 store=None):
         """max_symbols bounds the function symbols held by all cached tables together (about
         100 bytes each), and so by one file; max_frames the addresses whose frames are kept
-        (about 100 bytes each, all dropped when full)."""
+        (about 100 bytes each, all dropped when full). store: a SymbolStore (symbol_store.py)
+        that keeps parsed tables on disk across restarts, by build id."""
+        self.store = store
         self.metrics = metrics
         self.max_files = max_files
         self.debug_dirs = debug_dirs
@@ -154,7 +158,14 @@ class Symbolizer:
         want = mapping.build_id.lower()
         if want and want in self._tables:
             self._tables.move_to_end(want)
+            if self.store is not None:
+                self.store.touch(want)  # in use: kept on disk too (at most an hourly utime)
             return self._tables[want]
+        if want and self.store is not None:
+            table = self._from_store(want)
+            if table is not None:
+                self._cache(want, table)
+                return table
         for path in candidates:
             try:
                 table = self._load(path, mapping.path)
@@ -167,6 +178,13 @@ class Symbolizer:
                 continue
             return table
         return None
+
+    def _from_store(self, build_id: str) -> SymbolTable | None:
+        table = self.store.load(build_id)
+        if table is not None and not table.from_debug and any(
+                os.path.exists(path) for path, _ in self._build_id_debug_files(build_id)):
+            return None  # its debug file came since: parse again, for the names it adds
+        return table
 
     def _error(self, reason: str, message: str) -> None:
         if self.metrics is not None:
@@ -192,6 +210,8 @@ class Symbolizer:
                 raise
         key = table.build_id or file_key
         self._remember(file_key, key)
+        if self.store is not None and table.build_id:
+            self.store.save(table.build_id, table)
         if key in self._tables:  # the same build id under another path
             self._tables.move_to_end(key)
             return self._tables[key]
@@ -225,6 +245,7 @@ class Symbolizer:
             symbols = None
             if symtab is None:
                 symbols = self._debug_symbols(elf, build_id, path, mapped_path)
+            from_debug = symbols is not None
             if symbols is None:
                 section = symtab if symtab is not None else _section_of_type(elf, "SHT_DYNSYM")
                 symbols = [] if section is None else _function_symbols(
@@ -235,7 +256,9 @@ class Symbolizer:
             raise SymbolizeError("malformed", f"{type(e).__name__}: {e}") from None
         if len(symbols) >= self.max_symbols:
             self._error("too_many_symbols", f"{path}: kept the first {len(symbols)} symbols")
-        return _table(build_id, segments, symbols)
+        table = _table(build_id, segments, symbols)
+        table.from_debug = from_debug
+        return table
 
     def _debug_symbols(self, elf: ELFFile, build_id: str, path: str, mapped_path: str):
         """Function symbols of the separate debug file that matches, or None."""
@@ -264,11 +287,15 @@ class Symbolizer:
                     self._error("malformed", f"debug file {candidate}: {type(e).__name__}: {e}")
         return None
 
-    def _debug_candidates(self, elf: ELFFile, build_id: str, path: str, mapped_path: str):
-        """(path, expected CRC or None) in the order gdb searches them."""
+    def _build_id_debug_files(self, build_id: str):
+        """(path, None) of the debug files named by build id, as gdb looks for them."""
         if build_id:
             for d in self.debug_dirs:
                 yield os.path.join(d, ".build-id", build_id[:2], build_id[2:] + ".debug"), None
+
+    def _debug_candidates(self, elf: ELFFile, build_id: str, path: str, mapped_path: str):
+        """(path, expected CRC or None) in the order gdb searches them."""
+        yield from self._build_id_debug_files(build_id)
         link = _debuglink(elf)
         if link is None:
             return
