@@ -72,12 +72,14 @@ def overhead_section(r: dict) -> tuple[str, list]:
          verdict(_lt(agent.get("cpu_total_ratio_to_perf"), GOALS["cpu_ratio"]))],
         ["agent CPU (steady) ÷ perf's 60 s run incl. its exit < 1.0", steady_vs_total,
          verdict(_lt(steady_vs_total, GOALS["cpu_ratio"]))],
+        ["… aiming for 0.5", steady_vs_total, verdict(_lt(steady_vs_total, GOALS["cpu_ratio_aim"]))],
         ["collector alone (steady) ÷ perf's 60 s run incl. its exit ≤ 1.0", collector_ratio,
          verdict(None if collector_ratio is None else collector_ratio <= GOALS["cpu_ratio"])],
         ["agent CPU (steady) ÷ perf recording every 10 s window, as the agent does, < 1.0",
          ratio_10s, verdict(_lt(ratio_10s, GOALS["cpu_ratio"]))],
         ["… aiming for 0.5", ratio_10s, verdict(_lt(ratio_10s, GOALS["cpu_ratio_aim"]))],
-        ["workload slowdown under the agent < 1 %", max(slow) if slow else None,
+        ["workload slowdown under the agent < 1 % (the whole workload's work)",
+         max(slow) if slow else None,
          verdict(_lt(max(slow), GOALS["slowdown_pct"]) if slow else None)],
     ]
     notes = "\n".join(f"- {name}: {note}" for name, note in r.get("notes", {}).items() if note)
