@@ -45,7 +45,7 @@ BPF_PERCPU_ARRAY(problems, u64, PROBLEM_KINDS);
 // within about a second of its first sample, while it still lives. LRU: a process evicted
 // here is only announced once more, and the collector knows it already.
 BPF_TABLE("lru_hash", u32, u8, known_pids, KNOWN_PIDS_MAX);
-BPF_HASH(new_pids, u32, u8, NEW_PIDS_MAX);
+BPF_HASH(new_pids, u32, u32, NEW_PIDS_MAX);  // pid -> its samples since it was listed
 
 static __always_inline void note(u32 kind) {
     u64 *n = problems.lookup(&kind);
@@ -65,9 +65,15 @@ static __always_inline void note_stack_error(int err, u32 collision, u32 fault) 
 static __always_inline void note_new_process(u32 tgid) {
     if (known_pids.lookup(&tgid))
         return;
-    u8 one = 1;
-    // BPF_NOEXIST: already waiting to be read. When new_pids is full the pid simply waits for
-    // the next count drain, which reads every process it does not know either.
+    // Its samples so far: the collector loads the busiest new processes' unwind tables first.
+    u32 *seen = new_pids.lookup(&tgid);
+    if (seen) {
+        __sync_fetch_and_add(seen, 1);  // threads of one process sample on several CPUs
+        return;
+    }
+    u32 one = 1;
+    // BPF_NOEXIST: another CPU listed it just now. When new_pids is full the pid simply waits
+    // for the next count drain, which reads every process it does not know either.
     new_pids.insert(&tgid, &one);
 }
 

@@ -163,7 +163,7 @@ class CpuSampler:
         self.known_pids = maps["known_pids"]
         self.new_pids = maps["new_pids"]
         self._new_keys = ct.create_string_buffer(4 * NEW_PIDS_MAX)
-        self._new_values = ct.create_string_buffer(NEW_PIDS_MAX)
+        self._new_values = ct.create_string_buffer(4 * NEW_PIDS_MAX)
         if self.unwinding:
             self.unwind_rows = maps["unwind_rows"]
             self.unwind_processes = maps["unwind_processes"]
@@ -236,22 +236,25 @@ class CpuSampler:
             entries.append((pid, tid, cgroup, user, kernel, VALUE.unpack(value)[0]))
         return entries
 
-    def take_new_pids(self) -> list[int]:
-        """Processes sampled since the last call that are not marked known (see
-        mark_known), each once; they are taken out of the kernel's list."""
+    def take_new_pids(self) -> dict[int, int]:
+        """Processes sampled since the last call that are not marked known (see mark_known),
+        with their samples since they were listed; taken out of the kernel's list."""
         if self._batch_ok:
             try:
                 n = self.new_pids.lookup_and_delete_batch(self._new_keys, self._new_values)
-                return list(struct.unpack(f"<{n}I", ct.string_at(self._new_keys, 4 * n)))
+                pids = struct.unpack(f"<{n}I", ct.string_at(self._new_keys, 4 * n))
+                counts = struct.unpack(f"<{n}I", ct.string_at(self._new_values, 4 * n))
+                return dict(zip(pids, counts))
             except OSError as e:
                 if e.errno not in (errno.EINVAL, 524, errno.EOPNOTSUPP):
                     raise
                 self._batch_ok = False
-        pids = []
+        found = {}
         for key in self.new_pids.keys():
-            if self.new_pids.delete(key):
-                pids.append(struct.unpack("<I", key)[0])
-        return pids
+            value = self.new_pids.lookup(key)
+            if value is not None and self.new_pids.delete(key):
+                found[struct.unpack("<I", key)[0]] = struct.unpack("<I", value)[0]
+        return found
 
     def mark_known(self, pids: list[int]) -> None:
         """These processes' /proc has been read: their samples stop announcing them."""

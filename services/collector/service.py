@@ -174,21 +174,22 @@ class Collector:
             return
         observe, now = self.processes.observe, time.monotonic()
         known = self.processes.processes
-        for pid in pids:
+        for pid, samples in pids.items():
             body = observe(pid, (), now)  # None: known already, or gone before we looked
             if body is not None:
-                self._publish_process(body)
+                self._publish_process(body, samples)
         # Only the ones read: one that could not be (in execve, say) is listed again by its
         # next sample and retried; one that is gone is not sampled again.
         self.sampler.mark_known([pid for pid in pids if pid in known])
         self.metrics.inc("new_processes_total", len(pids))
 
-    def _publish_process(self, body: dict) -> None:
+    def _publish_process(self, body: dict, samples: int) -> None:
         """Send a process read for the first time or again (new, remapped or reused), and
-        (re)load its tables, unless it is one of the agent's own processes."""
+        (re)load its tables, unless it is one of the agent's own processes; ``samples`` (its
+        samples lately) ranks it in the loader's queue."""
         self._send("process", body)
         if self.unwinder is not None and not self._is_agent(body["pid"]):
-            self.unwinder.request(body["pid"], 1)
+            self.unwinder.request(body["pid"], max(1, samples))
 
     def _announce_if_joined(self, now: float) -> bool:
         """Make every process due for republishing if a subscriber joined (at most every
@@ -267,7 +268,7 @@ class Collector:
                 addresses.update(stacks[i])
             body = observe(pid, addresses)
             if body is not None:
-                self._publish_process(body)
+                self._publish_process(body, samples.get(pid, 1))
         self._announce_if_joined(time.monotonic())
         self._republish_due()
 
