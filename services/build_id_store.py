@@ -30,26 +30,34 @@ _HEX = frozenset("0123456789abcdef")
 _CRC = struct.Struct("<I")
 
 
+def frame(body: bytes) -> bytes:
+    """A file's bytes: the encoded object and the CRC32 that load checks."""
+    return body + _CRC.pack(zlib.crc32(body))
+
+
 class BuildIdStore:
-    """Subclasses set SUFFIX and METRIC (the metrics' prefix, e.g. "unwind_tables") and
-    implement encode and decode."""
+    """Subclasses set SUFFIX, METRIC (the metrics' prefix, e.g. "unwind_tables") and
+    DEFAULT_MAX_BYTES, and implement encode and decode (static: the format alone)."""
 
     SUFFIX = ".bin"
     METRIC = "objects"
+    DEFAULT_MAX_BYTES = 64 << 20
 
-    def __init__(self, directory: str, max_bytes: int, metrics=None):
+    def __init__(self, directory: str, max_bytes: int | None = None, metrics=None):
         self.directory = directory
-        self.max_bytes = max_bytes
+        self.max_bytes = self.DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self.metrics = metrics
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
         self.bytes = sum(size for _, size, _ in self._files())
         self._touched: dict[str, float] = {}  # build id -> monotonic time of its last touch
 
-    def encode(self, obj) -> bytes:
+    @staticmethod
+    def encode(obj) -> bytes:
         raise NotImplementedError
 
-    def decode(self, data: bytes):
+    @staticmethod
+    def decode(data: bytes):
         """The object, or None when the bytes are not one (another format version, say)."""
         raise NotImplementedError
 
@@ -92,8 +100,7 @@ class BuildIdStore:
         path = self._path(build_id)
         if path is None:
             return
-        body = self.encode(obj)
-        data = body + _CRC.pack(zlib.crc32(body))
+        data = frame(self.encode(obj))
         if len(data) > self.max_bytes:
             return
         tmp = f"{path}.{os.getpid()}.tmp"

@@ -20,6 +20,7 @@ from services.collector.unwind.eh_frame import (
     build_table,
 )
 from services.collector.unwind.loader import UnwindLoader
+from services import build_id_store
 from services.collector.unwind import table_store
 from services.collector.unwind.table_store import TableStore
 from services.collector.unwind.tables import RangeAllocator, TableCache
@@ -238,7 +239,7 @@ def test_a_damaged_stored_table_is_deleted_counted_and_built_again(tmp_path, dam
         old = table_store.VERSION
         table_store.VERSION = old + 1
         try:
-            data = bytearray(table_store._encode(table))
+            data = bytearray(build_id_store.frame(TableStore.encode(table)))
         finally:
             table_store.VERSION = old
     else:
@@ -259,7 +260,7 @@ def test_the_table_store_is_bounded_least_recently_used_out_first(tmp_path, monk
         return eh_frame.UnwindTable(rows=eh_frame.ROW.pack(n, 8, 1, 0) * 100, fdes=1,
                                     unsupported_rows=0)
 
-    size = len(table_store._encode(table(1)))
+    size = len(build_id_store.frame(TableStore.encode(table(1))))
     store = TableStore(str(tmp_path), max_bytes=3 * size)
     for i, build_id in enumerate(["aa", "bb", "cc"]):
         store.save(build_id, table(i))
@@ -275,9 +276,7 @@ def test_the_table_store_is_bounded_least_recently_used_out_first(tmp_path, monk
     cache.get("cc", "/x")  # from memory, just after the read: no second touch
     assert os.stat(tmp_path / "cc.table").st_mtime == 1000
     later = time.monotonic() + table_store.TOUCH_EVERY
-    from services import build_id_store  # where the touch clock is read
-
-    monkeypatch.setattr(build_id_store.time, "monotonic", lambda: later)
+    monkeypatch.setattr(build_id_store.time, "monotonic", lambda: later)  # the touch clock
     cache.get("cc", "/x")  # from memory an hour on: touched
     assert os.stat(tmp_path / "cc.table").st_mtime > 1000
     os.utime(tmp_path / "aa.table", (2000, 2000))

@@ -16,7 +16,6 @@ from array import array
 from services.aggregator.symbols import SymbolTable
 from services.build_id_store import BuildIdStore
 
-DEFAULT_MAX_BYTES = 64 << 20
 MAGIC = b"PAST"
 VERSION = 1  # bump when the layout or the meaning of a field changes: older files are parsed again
 HEADER = struct.Struct("<4sIIIII")  # magic, version, from_debug, segments, symbols, names bytes
@@ -26,11 +25,10 @@ SEGMENT = struct.Struct("<QQQ")  # file offset, size in the file, vaddr
 class SymbolStore(BuildIdStore):
     SUFFIX = ".symbols"
     METRIC = "symbol_tables"
+    DEFAULT_MAX_BYTES = 64 << 20
 
-    def __init__(self, directory: str, max_bytes: int = DEFAULT_MAX_BYTES, metrics=None):
-        super().__init__(directory, max_bytes, metrics)
-
-    def encode(self, table: SymbolTable) -> bytes:
+    @staticmethod
+    def encode(table: SymbolTable) -> bytes:
         names = "\0".join(table.names).encode("utf-8", "surrogatepass")
         parts = [HEADER.pack(MAGIC, VERSION, int(table.from_debug), len(table.segments),
                              len(table.starts), len(names))]
@@ -38,7 +36,8 @@ class SymbolStore(BuildIdStore):
         parts += [table.starts.tobytes(), table.ends.tobytes(), names]
         return b"".join(parts)
 
-    def decode(self, data: bytes) -> SymbolTable | None:
+    @staticmethod
+    def decode(data: bytes) -> SymbolTable | None:
         if len(data) < HEADER.size:
             return None
         magic, version, from_debug, n_segments, n_symbols, names_size = HEADER.unpack_from(data)

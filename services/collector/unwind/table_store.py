@@ -15,12 +15,10 @@ module owns the table's format (with its version: a file of another is built aga
 from __future__ import annotations
 
 import struct
-import zlib
 
 from services.build_id_store import TOUCH_EVERY, BuildIdStore
 from services.collector.unwind.eh_frame import ROW, UnwindTable
 
-DEFAULT_MAX_BYTES = 256 << 20
 MAGIC = b"PAUT"
 # Bump when the rows' layout (eh_frame.ROW) or their meaning changes: older files are rebuilt.
 VERSION = 1
@@ -33,36 +31,26 @@ __all__ = ["TableStore", "TOUCH_EVERY", "VERSION"]
 class TableStore(BuildIdStore):
     SUFFIX = ".table"
     METRIC = "unwind_tables"
+    DEFAULT_MAX_BYTES = 256 << 20
 
-    def __init__(self, directory: str, max_bytes: int = DEFAULT_MAX_BYTES, metrics=None):
-        super().__init__(directory, max_bytes, metrics)
+    @staticmethod
+    def encode(table: UnwindTable) -> bytes:
+        parts = [HEADER.pack(MAGIC, VERSION, table.fdes, table.unsupported_rows,
+                             len(table.segments))]
+        parts += [SEGMENT.pack(*segment) for segment in table.segments]
+        parts.append(table.rows)
+        return b"".join(parts)
 
-    def encode(self, table: UnwindTable) -> bytes:
-        return _encode(table)[:-4]
-
-    def decode(self, data: bytes) -> UnwindTable | None:
-        return _decode_body(data)
-
-
-def _encode(table: UnwindTable) -> bytes:
-    """The table's file: header, segments, rows and the CRC32 of all three."""
-    parts = [HEADER.pack(MAGIC, VERSION, table.fdes, table.unsupported_rows,
-                         len(table.segments))]
-    parts += [SEGMENT.pack(*segment) for segment in table.segments]
-    parts.append(table.rows)
-    body = b"".join(parts)
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def _decode_body(body: bytes) -> UnwindTable | None:
-    if len(body) < HEADER.size:
-        return None
-    magic, version, fdes, unsupported, n_segments = HEADER.unpack_from(body)
-    rows_at = HEADER.size + n_segments * SEGMENT.size
-    if magic != MAGIC or version != VERSION or rows_at > len(body) \
-            or (len(body) - rows_at) % ROW.size:
-        return None
-    segments = tuple(SEGMENT.unpack_from(body, HEADER.size + i * SEGMENT.size)
-                     for i in range(n_segments))
-    return UnwindTable(rows=body[rows_at:], fdes=fdes, unsupported_rows=unsupported,
-                       segments=segments)
+    @staticmethod
+    def decode(body: bytes) -> UnwindTable | None:
+        if len(body) < HEADER.size:
+            return None
+        magic, version, fdes, unsupported, n_segments = HEADER.unpack_from(body)
+        rows_at = HEADER.size + n_segments * SEGMENT.size
+        if magic != MAGIC or version != VERSION or rows_at > len(body) \
+                or (len(body) - rows_at) % ROW.size:
+            return None
+        segments = tuple(SEGMENT.unpack_from(body, HEADER.size + i * SEGMENT.size)
+                         for i in range(n_segments))
+        return UnwindTable(rows=body[rows_at:], fdes=fdes, unsupported_rows=unsupported,
+                           segments=segments)
