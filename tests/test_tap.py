@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from services import wire
+from services.collector.service import drain_interval
 from tests.helpers.services import (PYTHON, ROOT, service_env, start_service, stop, wait_until)
 from tests.helpers.workload import build_chain_workload
 
@@ -52,7 +53,9 @@ def test_tap_folded_prints_the_workload_chain(collector_run_dir, tmp_path):
 
 
 def test_tap_json_lines_carry_header_and_body(collector_run_dir):
-    out = tap(collector_run_dir, "--duration=3")
+    # Long enough for a drain: every 5 s on 2 CPUs (services/collector/service.py).
+    drain = drain_interval(10, os.cpu_count() or 1, 100)
+    out = tap(collector_run_dir, f"--duration={drain + 2:g}")
     messages = [json.loads(line) for line in out.splitlines()]
     samples = [m for m in messages if m["type"] == "samples"]
     assert samples, out[-2000:]
