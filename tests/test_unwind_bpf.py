@@ -197,15 +197,19 @@ def test_debian_python_native_stacks_reach_py_bytes_main(collector):
 
 
 def test_walks_are_counted_by_how_they_ended(collector, omit_fp_binary):
-    """The heartbeat's counters: walks happened and ended at the outermost frame."""
+    """The heartbeat's counters: walks happened, ended at the outermost frame, and found
+    most rows in the row cache."""
     workload = subprocess.Popen([str(omit_fp_binary), "0"])
     sub = Subscriber(collector, wire.ENDPOINT_COLLECTOR, [b"heartbeat.collector"])
     try:
         def counters(msg):
             return {name.removeprefix("parca_agent_collector_"): value
                     for name, labels, value in msg.body["metrics"]}
+        # The row cache: a hot loop's few pcs are searched once, then found in the cache.
         seen = sub.wait_for(lambda m: counters(m).get("unwind_end_outermost_total", 0) > 0
-                            and counters(m).get("unwind_processes", 0) > 0, 20)
+                            and counters(m).get("unwind_processes", 0) > 0
+                            and counters(m).get("unwind_row_cache_hits_total", 0)
+                            > counters(m).get("unwind_row_searches_total", 0) > 0, 20)
     finally:
         sub.close()
         workload.kill()

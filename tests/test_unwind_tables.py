@@ -313,10 +313,18 @@ class RecordingMaps:
     def read_unwind_stats(self):
         return {}
 
+    def table_id_of(self, pid, address):
+        first, count = self.processes[pid]
+        for i in range(first, first + count):
+            start, end, *_, table_id = self.mappings[i]
+            if start <= address < end:
+                return table_id
+        return None
+
     def mapping_of(self, pid, address):
         first, count = self.processes[pid]
         for i in range(first, first + count):
-            start, end, bias, first_row, rows = self.mappings[i]
+            start, end, bias, first_row, rows, _table_id = self.mappings[i]
             if start <= address < end:
                 return bias, first_row, rows
         return None
@@ -327,6 +335,7 @@ def test_loader_places_each_file_once_and_drops_it_with_its_last_process(framed_
     loader = UnwindLoader(maps)
     a = subprocess.Popen([str(framed_binary), "wait"])
     b = subprocess.Popen([str(framed_binary), "wait"])
+    c = None
     try:
         time.sleep(0.2)
         assert loader.load(a.pid) and loader.load(b.pid)
@@ -336,6 +345,8 @@ def test_loader_places_each_file_once_and_drops_it_with_its_last_process(framed_
         bias, first_row, rows = maps.mapping_of(a.pid, in_a)
         assert rows == table.count and in_a - bias == framed
         assert maps.mapping_of(b.pid, in_b)[1:] == (first_row, rows), "one copy for both"
+        table_id = maps.table_id_of(a.pid, in_a)
+        assert table_id and maps.table_id_of(b.pid, in_b) == table_id
         in_bpf = b"".join(maps.rows[first_row + i] for i in range(rows))
         assert in_bpf == table.rows
         libc_users = [r for k, r in loader.resident.items() if len(r.users) == 2]
@@ -349,8 +360,18 @@ def test_loader_places_each_file_once_and_drops_it_with_its_last_process(framed_
         loader.prune()
         assert loader.resident == {} and loader.rows.available == loader.rows.capacity
         assert loader.mapping_slots.available == loader.mapping_slots.capacity
+        # Placed again in the same rows, the table gets a new id: the kernel's row cache is
+        # keyed by it, and its entries for the old placement must never match the new one.
+        c = subprocess.Popen([str(framed_binary), "wait"])
+        time.sleep(0.2)
+        assert loader.load(c.pid)
+        in_c = _runtime(c.pid, framed_binary, table, framed)
+        assert maps.mapping_of(c.pid, in_c)[1] == first_row
+        assert maps.table_id_of(c.pid, in_c) not in (None, 0, table_id)
     finally:
-        for p in (a, b):
+        for p in (a, b, c):
+            if p is None:
+                continue
             p.kill()
             p.wait()
 

@@ -40,7 +40,10 @@ MAX_DEPTH = 127  # the kernel's PERF_MAX_STACK_DEPTH default, what bpf_get_stack
 # .eh_frame unwinding (bpf/cpu_sample.c), --dwarf-unwind:
 UNWIND_ROWS_MAX = 1 << 20  # rows of every loaded table together: 8 MB of kernel memory
 UNWIND_PROCESSES_MAX = 4096  # processes with tables at once (8 KB each, allocated on use)
-UNWIND_MAPPINGS_MAX = 65536  # mappings of every process with tables together: 2 MB
+UNWIND_MAPPINGS_MAX = 65536  # mappings of every process with tables together: 2.5 MB
+# Rows found lately, per CPU, direct-mapped (16 bytes a slot: 64 KB a CPU). What runs hot on
+# one CPU is a few hundred distinct pcs.
+ROW_CACHE_SLOTS = 4096  # a power of two
 # Stack ids of unwound user stacks: their unwound_stacks key plus this, apart from the
 # stack_traces ids (0 .. STACKS_MAX) in the same place of CountEntry.
 UNWOUND_STACK_BASE = 1 << 32
@@ -51,7 +54,7 @@ VALUE = struct.Struct("<Q")
 STACK = struct.Struct(f"<{MAX_DEPTH}Q")
 UNWOUND_STACK = struct.Struct(f"<Q{MAX_DEPTH}Q")  # struct unwound_stack: len, addresses
 _ADDRESSES = [struct.Struct(f"<{n}Q") for n in range(MAX_DEPTH + 1)]  # n addresses, by n
-UNWIND_MAPPING = struct.Struct("<QQQII")  # struct unwind_mapping
+UNWIND_MAPPING = struct.Struct("<QQQIII4x")  # struct unwind_mapping (padded to 8 bytes)
 UNWIND_PROCESS = struct.Struct("<II")  # struct unwind_process
 UNWIND_ROW_SIZE = 8
 
@@ -81,6 +84,8 @@ UNWIND_STAT_NAMES = (
     "kernel_mode",
     "no_user_regs",
     "stack_map_full",
+    "row_cache_hits",
+    "row_searches",
 )
 
 
@@ -194,7 +199,8 @@ class CpuSampler:
         if unwind:
             cflags += [f"-DUNWIND_ROWS_MAX={UNWIND_ROWS_MAX}",
                        f"-DUNWIND_MAPPINGS_MAX={UNWIND_MAPPINGS_MAX}",
-                       f"-DUNWIND_PROCESSES_MAX={UNWIND_PROCESSES_MAX}"]
+                       f"-DUNWIND_PROCESSES_MAX={UNWIND_PROCESSES_MAX}",
+                       f"-DROW_CACHE_SLOTS={ROW_CACHE_SLOTS}"]
             maps += UNWIND_MAPS
             tail_calls = [("unwind_programs", 0, "unwind_user_stack")]
         return load(BPF_SOURCE.read_text(), cflags, ["on_cpu_sample"], maps, tail_calls)
@@ -331,7 +337,8 @@ class CpuSampler:
 
     def write_unwind_mappings(self, first: int,
                               mappings: list[tuple[int, int, int, int, int]]) -> None:
-        """Place (start, end, bias, first_row, rows) mappings at index first of unwind_mappings."""
+        """Place (start, end, bias, first_row, rows, table_id) mappings at index first of
+        unwind_mappings."""
         packed = b"".join(UNWIND_MAPPING.pack(*m) for m in mappings)
         self._write_array(self.unwind_mappings, first, packed, UNWIND_MAPPING.size,
                           UNWIND_MAPPINGS_MAX)

@@ -43,6 +43,9 @@ class ResidentTable:
     """A file's rows in the BPF row array."""
     first_row: int
     rows: int
+    # Names this placement in the BPF row cache, keyed by (table_id, address): a new id for
+    # every placement, so rows cached for a table whose slice was reused never match again.
+    table_id: int
     users: set[int] = field(default_factory=set)
 
 
@@ -69,6 +72,7 @@ class UnwindLoader:
         self.rows = RangeAllocator(UNWIND_ROWS_MAX)
         self.mapping_slots = RangeAllocator(UNWIND_MAPPINGS_MAX)
         self.resident: dict[str, ResidentTable] = {}
+        self._placements = 0  # tables placed so far: the source of table ids
         self.processes: dict[int, LoadedProcess] = {}
         self._waiting: dict[int, int] = {}  # pid -> samples seen while waiting
         self._wake = threading.Condition()
@@ -160,13 +164,15 @@ class UnwindLoader:
         started = time.perf_counter()
         mappings, files = [], []
         for entry in sorted(entries, key=lambda e: e.start):
-            first_row, rows, bias = 0, 0, 0
+            first_row, rows, bias, table_id = 0, 0, 0, 0
             if entry.path.startswith("/"):
                 placed = self._place(pid, entry)
                 if placed is not None:
-                    key, first_row, rows, bias = placed
+                    key, resident, bias = placed
+                    first_row, rows, table_id = resident.first_row, resident.rows, \
+                        resident.table_id
                     files.append(key)
-            mappings.append((entry.start, entry.limit, bias, first_row, rows))
+            mappings.append((entry.start, entry.limit, bias, first_row, rows, table_id))
         first = self.mapping_slots.allocate(len(mappings))
         if first is None:
             self._release_files(pid, files)
@@ -206,8 +212,8 @@ class UnwindLoader:
             self.drop(pid)
         return len(gone)
 
-    def _place(self, pid: int, entry: proc.MapEntry) -> tuple[str, int, int, int] | None:
-        """(file key, first row, rows, bias) of the mapping's table, now resident in BPF."""
+    def _place(self, pid: int, entry: proc.MapEntry) -> tuple[str, ResidentTable, int] | None:
+        """(file key, its resident table, bias) of the mapping's table, now in BPF."""
         source = proc.mapped_file_path(pid, entry, self.proc_path)
         build_id, ident = self.build_ids.lookup(source)
         if not build_id and ident is None:
@@ -227,9 +233,11 @@ class UnwindLoader:
                 self._count("unwind_rows_full_total")
                 return None
             self.sampler.write_unwind_rows(first, table.rows)
-            resident = self.resident[key] = ResidentTable(first, table.count)
+            self._placements += 1
+            resident = self.resident[key] = ResidentTable(first, table.count,
+                                                          self._placements % 0xFFFFFFFF + 1)
         resident.users.add(pid)
-        return key, resident.first_row, resident.rows, bias
+        return key, resident, bias
 
     def _release_files(self, pid: int, files: list[str]) -> None:
         for key in files:
