@@ -10,6 +10,11 @@ perf, bcc, none, ...) so that a drift in the machine's load hits every profiler 
   divided by the same duration; for bcc this includes compiling its program and printing.
 - Neither counts the BPF programs or perf's sampling in interrupt context: the kernel charges
   that to the interrupted task, the workload, which is why its throughput is measured too.
+  The BPF programs' own run time (the agent's and bcc's) is measured apart, from the kernel's
+  BPF statistics (bench/bpf_stats.py), and reported beside the CPU columns: it is the part of
+  the slowdown a profiler's design decides, and unlike the workload's throughput it is not
+  lost in the machine's noise. perf's sampling work (the kernel's frame-pointer walk) has no
+  such counter.
 - Slowdown: three busy processes share two cores, and how the scheduler splits them moves each
   kind's wall rate by +-10 % between rounds with no profiler at all. So the goal's figure is
   the work the whole workload got done: each kind's iterations divided by what an iteration
@@ -27,6 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from bench import bpf_stats
 from bench.common import log, median, ratio, table
 from bench.profilers import all_profilers
 from bench.workloads import Workload, build_chain, work_dir
@@ -46,9 +52,11 @@ def add_arguments(parser) -> None:
 def trial(profiler, binary: str, duration: float) -> dict:
     directory = work_dir()
     try:
+        programs_before = bpf_stats.snapshot()
         profiler.start(duration, directory)
         by_service = getattr(profiler, "cpu_by_service", None)
         services0 = by_service() if by_service else {}
+        programs0 = bpf_stats.snapshot()
         cpu0 = profiler.cpu()
         workload = Workload(binary, chains=2, pythons=1).start(duration)
         try:
@@ -56,7 +64,9 @@ def trial(profiler, binary: str, duration: float) -> dict:
         finally:
             workload.kill()
         cpu1 = profiler.cpu()
+        programs1 = bpf_stats.snapshot()
         services1 = by_service() if by_service else {}
+        bpf = bpf_stats.delta(programs_before, programs0, programs1)
         total = profiler.stop()
         return {"profiler": profiler.name, "cpu_window_s": round(cpu1 - cpu0, 3),
                 "cpu_total_s": round(total, 3), "c_rate": round(rates["c"], 2),
@@ -66,6 +76,7 @@ def trial(profiler, binary: str, duration: float) -> dict:
                 "perf_output_mb": getattr(profiler, "output_mb", None) if profiler.name == "perf"
                 else None,
                 "settle_s": getattr(profiler, "settle_s", None),
+                "bpf_window": bpf,
                 "services_cpu_window_s": {n: round(services1[n] - services0.get(n, 0.0), 4)
                                           for n in services1} or None}
     finally:
@@ -94,6 +105,13 @@ def summarize(trials: list[dict], duration: float) -> dict:
         by_profiler["agent"]["services_cpu_window_per_s"] = {
             n: _rnd(median([t["services_cpu_window_s"].get(n, 0.0) / duration
                             for t in agent_trials])) for n in names}
+    for name, s in by_profiler.items():
+        with_bpf = [t["bpf_window"] for t in trials if t["profiler"] == name
+                    and "error" not in t and t.get("bpf_window") and t["bpf_window"]["runs"]]
+        if with_bpf:
+            s["bpf_per_s"] = _rnd(median([b["run_time_s"] / duration for b in with_bpf]))
+            s["bpf_us_per_run"] = round(median([b["run_time_s"] / b["runs"] * 1e6
+                                                for b in with_bpf]), 2)
     _work(trials, by_profiler, duration)
     base = by_profiler.get("none", {})
     perf = by_profiler.get("perf", {})
@@ -155,26 +173,31 @@ def run(args) -> dict:
     profilers = all_profilers(agent_cache_dir=agent_cache)
     trials = []
     try:
-        for repeat in range(args.repeats):
-            for profiler in profilers:
-                log(f"overhead: round {repeat + 1}/{args.repeats}, {profiler.name}, "
-                    f"{args.duration:g}s")
-                try:
-                    result = trial(profiler, binary, args.duration)
-                except Exception as e:  # one failing profiler must not void the others' figures
-                    log(f"overhead: {profiler.name} failed: {e}")
-                    result = {"profiler": profiler.name, "error": str(e)[:500]}
-                result["round"] = repeat + 1
-                trials.append(result)
+        with bpf_stats.enabled() as counting:
+            if not counting:
+                log("overhead: kernel.bpf_stats_enabled cannot be set: no BPF run times")
+            for repeat in range(args.repeats):
+                for profiler in profilers:
+                    log(f"overhead: round {repeat + 1}/{args.repeats}, {profiler.name}, "
+                        f"{args.duration:g}s")
+                    try:
+                        result = trial(profiler, binary, args.duration)
+                    except Exception as e:  # one failing profiler must not void the others'
+                        log(f"overhead: {profiler.name} failed: {e}")
+                        result = {"profiler": profiler.name, "error": str(e)[:500]}
+                    result["round"] = repeat + 1
+                    trials.append(result)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     summary = summarize(trials, args.duration)
     rows = [[name, s["cpu_window_per_s"], s["cpu_window_ratio_to_perf"],
-             s["cpu_window_ratio_to_perf_10s"], s["cpu_total_per_s"],
+             s["cpu_window_ratio_to_perf_10s"], s.get("bpf_per_s"), s.get("bpf_us_per_run"),
+             s["cpu_total_per_s"],
              s["cpu_total_ratio_to_perf"], s.get("work_cpus"), s.get("work_slowdown_pct"),
              s["c_rate"], s["c_slowdown_pct"], s["python_rate"],
              s["python_slowdown_pct"]] for name, s in summary.items()]
-    print(table(["profiler", "cpu/s", "÷perf", "÷perf-10s", "cpu/s total", "÷perf total",
+    print(table(["profiler", "cpu/s", "÷perf", "÷perf-10s", "bpf cpu/s", "bpf µs/run",
+                 "cpu/s total", "÷perf total",
                  "work CPUs", "work slow %", "C it/s", "C slow %", "py it/s", "py slow %"],
                 rows))
     return {"args": {"duration": args.duration, "repeats": args.repeats},

@@ -47,7 +47,8 @@ def _lt(value, bound):
 def overhead_section(r: dict) -> tuple[str, list]:
     s = r["summary"]
     rows = [[name, v["trials"], v["cpu_window_per_s"], v["cpu_window_ratio_to_perf"],
-             v.get("cpu_window_ratio_to_perf_10s"), v["cpu_total_per_s"],
+             v.get("cpu_window_ratio_to_perf_10s"), v.get("bpf_per_s"), v.get("bpf_us_per_run"),
+             v["cpu_total_per_s"],
              v["cpu_total_ratio_to_perf"], v.get("work_cpus"), v.get("work_slowdown_pct"),
              v["c_rate"], v["c_slowdown_pct"], v.get("c_per_cpu_loss_pct"), v["python_rate"],
              v["python_slowdown_pct"], v.get("python_per_cpu_loss_pct")]
@@ -108,7 +109,10 @@ recording per 10 s window (back-to-back runs, each paying perf's start and exit)
 across restarts on a host: round 1 builds the workload's unwind tables and stores them, later
 rounds read them back{first_round}. BPF
 programs and perf's sampling run in interrupt context and are charged to the workload: that is
-in the slowdown, not in the CPU columns.
+in the slowdown, not in the CPU columns. "BPF cpu/s" is that run time for the agent's and bcc's
+programs over the same window, from the kernel's BPF statistics (kernel.bpf_stats_enabled,
+on during the whole bench), and "BPF µs/sample" its median per run; perf's in-kernel
+sampling work has no such counter.
 
 "work CPUs" is what the whole workload got done per wall second, in CPUs' worth of work at the
 cost per iteration measured without a profiler (each kind's iterations times its CPU seconds
@@ -120,7 +124,8 @@ them moves the kinds' rates by several percent between rounds even with no profi
 CPU-s loss %" is each kind's iterations per CPU second of its own against none: the sampling
 cost charged to it, which the split does not move.
 
-{md_table(["profiler", "rounds", "cpu/s", "÷ perf", "÷ perf-10s", "cpu/s total",
+{md_table(["profiler", "rounds", "cpu/s", "÷ perf", "÷ perf-10s", "BPF cpu/s",
+           "BPF µs/sample", "cpu/s total",
            "÷ perf total", "work CPUs", "work slowdown %", "C it/s", "C slowdown %",
            "C per CPU-s loss %", "Python it/s", "Python slowdown %",
            "Python per CPU-s loss %"], rows)}
