@@ -46,6 +46,12 @@ BPF_PERCPU_ARRAY(problems, u64, PROBLEM_KINDS);
 // here is only announced once more, and the collector knows it already.
 BPF_TABLE("lru_hash", u32, u8, known_pids, KNOWN_PIDS_MAX);
 BPF_HASH(new_pids, u32, u32, NEW_PIDS_MAX);  // pid -> its samples since it was listed
+// A wake-up, not a channel: a record (the pid) each time new_pids gains a process. The
+// collector polls this map's fd and, when it is readable, marks every record read without
+// looking at them and takes new_pids; so it sleeps while no process is new and wakes within
+// milliseconds when one is. A record lost to a full buffer only delays that pid to the next
+// drain, which takes new_pids too.
+BPF_RINGBUF_OUTPUT(new_pid_events, 1);
 
 static __always_inline void note(u32 kind) {
     u64 *n = problems.lookup(&kind);
@@ -74,7 +80,8 @@ static __always_inline void note_new_process(u32 tgid) {
     u32 one = 1;
     // BPF_NOEXIST: another CPU listed it just now. When new_pids is full the pid simply waits
     // for the next count drain, which reads every process it does not know either.
-    new_pids.insert(&tgid, &one);
+    if (new_pids.insert(&tgid, &one) == 0)
+        new_pid_events.ringbuf_output(&tgid, sizeof(tgid), 0);
 }
 
 // Adds one to the sample's count.

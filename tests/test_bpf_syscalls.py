@@ -90,6 +90,57 @@ def test_cpu_clock_events_open_on_every_online_cpu(require_bpf):
             os.close(fd)
 
 
+def test_a_ring_buffer_wakes_a_poller_and_clear_passes_its_records(require_bpf):
+    """The collector sleeps on new_pid_events: its fd polls readable once the program has
+    written a record, and not after clear() has passed them (without reading them)."""
+    import os
+    import select
+    import time
+
+    from services.collector.loader import load
+
+    source = r"""
+    #include <uapi/linux/bpf_perf_event.h>
+    BPF_ARRAY(armed, u32, 1);
+    BPF_RINGBUF_OUTPUT(events, 1);
+    int on_tick(struct bpf_perf_event_data *ctx) {
+        u32 zero = 0;
+        u32 *on = armed.lookup(&zero);
+        if (on && *on)
+            events.ringbuf_output(&zero, sizeof(zero), 0);
+        return 0;
+    }
+    """
+    loaded = load(source, [], ["on_tick"], ["armed", "events"])
+    signal = loaded.rings["events"]
+    events = []
+
+    def readable(timeout: float) -> bool:
+        return bool(select.select([signal.fileno()], [], [], timeout)[0])
+
+    def arm(on: int) -> None:
+        loaded.maps["armed"].update(struct.pack("<I", 0), struct.pack("<I", on))
+
+    try:
+        for cpu in bs.online_cpus():
+            fd = bs.open_cpu_clock(cpu, 100)
+            events.append(fd)
+            bs.attach_and_enable(fd, loaded.programs["on_tick"])
+        assert not readable(0.3) and not signal.clear()
+        arm(1)
+        assert readable(5.0), "no wake-up after the program wrote records"
+        arm(0)
+        time.sleep(0.1)  # a program run that read armed=1 just before has finished
+        assert signal.clear()
+        assert not readable(0.3), "still readable after clear()"
+        arm(1)
+        assert readable(5.0), "no wake-up for records written after clear()"
+    finally:
+        for fd in events:
+            os.close(fd)
+        loaded.close()
+
+
 def test_a_child_loads_the_program_and_this_process_attaches_it(require_bpf):
     """The loader's child compiles with BCC; this process (which never imports bcc) gets the
     descriptors, attaches the program to cpu-clock events and reads what it counted."""

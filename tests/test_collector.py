@@ -223,23 +223,27 @@ def test_drains_fall_on_multiples_of_the_interval_so_batches_do_not_straddle_win
         [b["duration_ns"] for b in batches]
 
 
-def test_a_process_shorter_than_a_drain_interval_is_read_while_it_lives(collector, tmp_path):
+@pytest.mark.parametrize("lives", [3.0, 0.6])
+def test_a_process_shorter_than_a_drain_interval_is_read_while_it_lives(collector, tmp_path,
+                                                                         lives):
     """Counts are drained every DRAIN seconds, but the kernel lists newly sampled processes
-    and the collector reads that list every second: a process that starts just after a drain
-    and lives 3 s has its metadata published before it exits (at the next drain it would be
-    gone, its maps unreadable)."""
-    if DRAIN < 4:
-        pytest.skip(f"the drain interval here is {DRAIN:g} s: a 3 s process meets a drain anyway")
+    and wakes the collector (a ring buffer record): a process that starts just after a drain
+    and lives 3 s, or 0.6 s, has its metadata published before it exits (at the next drain it
+    would be gone, its maps unreadable). With the list read on a 1 s timer instead, as before
+    the wake-up, a 0.6 s process was read only when a tick fell inside its life."""
+    if DRAIN < lives + 1:
+        pytest.skip(f"the drain interval here is {DRAIN:g} s: a {lives:g} s process meets a "
+                    "drain anyway")
     run_dir, _, _ = collector
     binary = build_chain_workload(tmp_path, name="brief")
     sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_PROCESS])
     time.sleep(0.5)  # the subscription is up
     # Start 0.2 s after a drain: the next one is DRAIN - 0.2 s away, after the process ends.
     time.sleep((0.2 - time.time() % DRAIN) % DRAIN)
-    workload = subprocess.Popen([str(binary), "3", "100"])
+    workload = subprocess.Popen([str(binary), f"{lives:g}", "100"])
     alive_when_told = None
     try:
-        told = sub.wait_for(lambda m: m.body["pid"] == workload.pid, 3.0)
+        told = sub.wait_for(lambda m: m.body["pid"] == workload.pid, lives)
         alive_when_told = workload.poll() is None
         workload.wait(10)
     finally:

@@ -123,7 +123,7 @@ CountEntry = tuple[int, int, int, int, int, int]
 
 
 MAPS = ("counts", "stack_traces", "filter_cgroups", "filter_pids", "filter_enabled", "problems",
-        "known_pids", "new_pids")
+        "known_pids", "new_pids", "new_pid_events")
 UNWIND_MAPS = ("unwind_rows", "unwind_mappings", "unwind_processes", "unwound_stacks",
                "unwind_stats", "unwind_programs")
 
@@ -167,6 +167,8 @@ class CpuSampler:
         self.filter_enabled = maps["filter_enabled"]
         self.known_pids = maps["known_pids"]
         self.new_pids = maps["new_pids"]
+        # Readable (poll) once a process is new to the kernel side: take_new_pids then.
+        self.new_process_signal = loaded.rings["new_pid_events"]
         self._new_keys = ct.create_string_buffer(4 * NEW_PIDS_MAX)
         self._new_values = ct.create_string_buffer(4 * NEW_PIDS_MAX)
         if self.unwinding:

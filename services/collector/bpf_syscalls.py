@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 import platform
 import struct
@@ -94,6 +95,38 @@ def online_cpus() -> list[int]:
         lo, _, hi = part.partition("-")
         cpus.extend(range(int(lo), int(hi or lo) + 1))
     return cpus
+
+
+class RingSignal:
+    """A BPF ring buffer used as a wake-up only. Its fd polls readable while it holds records
+    the consumer has not passed; clear() passes them all without reading them, by moving the
+    consumer position (the first page of the map, the only one user space may write) to the
+    producer position (the second page). The records' contents are never needed: the program
+    writes one when there is something to fetch elsewhere."""
+
+    def __init__(self, fd: int, name: str = ""):
+        self.fd = fd
+        self.name = name
+        page = mmap.PAGESIZE
+        self._consumer = mmap.mmap(fd, page, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._producer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def clear(self) -> bool:
+        """Mark every record read; whether there was any."""
+        produced = struct.unpack_from("<Q", self._producer, 0)[0]
+        if struct.unpack_from("<Q", self._consumer, 0)[0] == produced:
+            return False
+        struct.pack_into("<Q", self._consumer, 0, produced)
+        return True
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._producer.close()
+        os.close(self.fd)
 
 
 class Map:

@@ -16,9 +16,9 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from services.collector.bpf_syscalls import Map
+from services.collector.bpf_syscalls import Map, RingSignal
 
 LOAD_TIMEOUT = 120.0  # compiling takes seconds; on a loaded 2-core machine, tens of seconds
 MAX_DESCRIPTION = 1 << 20
@@ -32,11 +32,12 @@ class LoadError(Exception):
 class Loaded:
     programs: dict[str, int]  # name -> program fd
     maps: dict[str, Map]
+    rings: dict[str, RingSignal] = field(default_factory=dict)  # ring buffers, as wake-ups
 
     def close(self) -> None:
         for fd in self.programs.values():
             os.close(fd)
-        for m in self.maps.values():
+        for m in (*self.maps.values(), *self.rings.values()):
             m.close()
 
 
@@ -79,6 +80,13 @@ def load(source: str, cflags: list[str], programs: list[str], maps: list[str],
     for fd, item in zip(fds, description):
         if item["kind"] == "program":
             loaded.programs[item["name"]] = fd
+        elif item["kind"] == "ring":
+            try:
+                loaded.rings[item["name"]] = RingSignal(fd, item["name"])
+            except OSError as e:
+                loaded.close()
+                raise LoadError(f"cannot map the ring buffer {item['name']}: {e.strerror}") \
+                    from None
         else:
             loaded.maps[item["name"]] = Map(fd, item["key_size"], item["value_size"],
                                             item["max_entries"], item["per_cpu"], item["name"])
@@ -114,6 +122,10 @@ def _child() -> int:
         fds.append(loaded[name].fd)
     for name in request["maps"]:
         t = bpf[name.encode()]
+        if isinstance(t, bcc_table.RingBuf):
+            description.append({"kind": "ring", "name": name})
+            fds.append(t.map_fd)
+            continue
         per_cpu = isinstance(t, (bcc_table.PerCpuArray, bcc_table.PerCpuHash,
                                  bcc_table.LruPerCpuHash))
         description.append({"kind": "map", "name": name, "key_size": ctypes.sizeof(t.Key),

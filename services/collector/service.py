@@ -29,15 +29,18 @@ log = logging.getLogger("parca_agent.collector")
 # can take at most (kept well under STACKS_MAX, whose buckets collide more as it fills),
 # within [DRAIN_INTERVAL_MIN, DRAIN_INTERVAL_MAX] seconds: 5 s on 2 CPUs at 100 Hz, 1 s from
 # 10 CPUs. The interval used is the window split evenly into parts no longer than that, so
-# that drains fall on window edges. New processes do not wait for a drain: see NEW_PROCESS_EVERY.
+# that drains fall on window edges. New processes do not wait for a drain: see NEW_PROCESS_GAP.
 DRAIN_SAMPLES = 1024
 DRAIN_INTERVAL_MIN = 1.0
 DRAIN_INTERVAL_MAX = 5.0
-# How often the kernel's list of newly sampled processes is read (a batch call on a small map,
-# tens of microseconds): a new process's metadata is read and published, and its unwind tables
-# requested, within about this long of its first sample, even if it lives shorter than a drain
-# interval. Late subscribers are served on the same tick.
-NEW_PROCESS_EVERY = 1.0
+# New processes: the BPF program lists each sampled process the collector has not read in
+# new_pids and signals it on a ring buffer whose fd wakes the loop. The loop then reads the
+# list (one batch call), reads and publishes those processes and requests their unwind tables,
+# so a process is read within milliseconds of its first sample, even if it lives shorter than
+# a drain interval, and the loop sleeps while no process is new (it used to read the list
+# every second: ~0.2 ms of CPU each time on this VM, mostly for an empty list). At most every
+# NEW_PROCESS_GAP seconds, so that a burst of process creation is read in batches.
+NEW_PROCESS_GAP = 0.1
 FORGET_EVERY = 30.0
 # A subscriber that joins is sent every process's metadata at the next drain, at most this
 # often however many join: a peer that keeps subscribing cannot make the collector resend
@@ -97,30 +100,43 @@ class Collector:
         poller.register(self.targets, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)  # subscriptions
         poller.register(stop.fileno(), zmq.POLLIN)  # SIGTERM wakes the sleep below
+        signal = self.sampler.new_process_signal
+        poller.register(signal.fileno(), zmq.POLLIN)  # a process new to the kernel side
         interval = self.drain_interval
         next_drain = _next_boundary(time.time(), interval)
-        next_tick = time.monotonic() + NEW_PROCESS_EVERY
+        next_tick = math.inf  # only when there is something to do: a new process, a subscriber
+        last_tick = -math.inf
         next_forget = time.monotonic() + FORGET_EVERY
         while not stop.is_set():
-            # Sleep until the next drain or tick: targets and subscriptions wake it too.
-            # Drains fall on wall-clock multiples of the interval, which divides the window
-            # (windows are wall-clock multiples of their length): a batch then covers time of
-            # one window only, and the aggregator places it by its middle.
+            # Sleep until the next drain or tick: targets, subscriptions and new processes
+            # wake it too. Drains fall on wall-clock multiples of the interval, which divides
+            # the window (windows are wall-clock multiples of their length): a batch then
+            # covers time of one window only, and the aggregator places it by its middle.
             wait = min(next_drain - time.time(), interval, next_tick - time.monotonic())
             ready = dict(poller.poll(runtime.poll_ms(time.monotonic() + wait)))
+            now = time.monotonic()
             if self.targets in ready:
                 self._read_targets()
             if self.pub in ready:
                 self._read_subscriptions()
-            now = time.monotonic()
+                if self._newcomers:
+                    next_tick = min(next_tick, max(now, self._announced + ANNOUNCE_EVERY))
+            if signal.fileno() in ready:
+                signal.clear()
+                next_tick = min(next_tick, max(now, last_tick + NEW_PROCESS_GAP))
             wall = time.time()
+            ticked = True
             if wall >= next_drain or next_drain - wall > interval:  # or the clock moved
-                self.drain_once()
+                self.drain_once()  # does the tick's work too
                 next_drain = _next_boundary(wall, interval)
-                next_tick = now + NEW_PROCESS_EVERY  # the drain did the tick's work
             elif now >= next_tick:
                 self.tick()
-                next_tick = now + NEW_PROCESS_EVERY
+            else:
+                ticked = False
+            if ticked:
+                last_tick = now
+                # A subscriber still waiting was throttled: announcements are ANNOUNCE_EVERY apart.
+                next_tick = self._announced + ANNOUNCE_EVERY if self._newcomers else math.inf
             if self.heartbeat.due():
                 self.send_heartbeat()
             if now >= next_forget:
@@ -169,6 +185,8 @@ class Collector:
             self._republish_due()
 
     def _read_new_processes(self) -> None:
+        # Before the list is taken: a process listed after this signals again.
+        self.sampler.new_process_signal.clear()
         pids = self.sampler.take_new_pids()
         if not pids:
             return
