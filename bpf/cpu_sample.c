@@ -39,11 +39,12 @@ BPF_HASH(filter_cgroups, u64, u8, FILTER_MAX);
 BPF_HASH(filter_pids, u32, u8, FILTER_MAX);
 BPF_ARRAY(filter_enabled, u32, 1);
 BPF_PERCPU_ARRAY(problems, u64, PROBLEM_KINDS);
-// Processes whose /proc the collector has read. A sampled process missing from it is put in
-// new_pids, which the collector empties every second although it drains the counts only every
-// few seconds on small hosts: a new process has its maps read (and its unwind tables loaded)
-// within about a second of its first sample, while it still lives. LRU: a process evicted
-// here is only announced once more, and the collector knows it already.
+// Processes whose /proc the collector has read (or tried to: see RETRY_UNREADABLE_AFTER in
+// services/collector/service.py). A sampled process missing from it is put in new_pids, which
+// the collector empties as soon as new_pid_events wakes it, although it drains the counts
+// only every few seconds on small hosts: a new process has its maps read (and its unwind
+// tables loaded) within milliseconds of its first sample, while it still lives. LRU: a process
+// evicted here is only announced once more, and the collector knows it already.
 BPF_TABLE("lru_hash", u32, u8, known_pids, KNOWN_PIDS_MAX);
 BPF_HASH(new_pids, u32, u32, NEW_PIDS_MAX);  // pid -> its samples since it was listed
 // A wake-up, not a channel: a record (the pid) each time new_pids gains a process. The
@@ -209,8 +210,8 @@ BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_state, 1);
 // runs from a timer interrupt on a CPU busy with the workload; a profiled program's stacks
 // repeat the same return addresses, and its hot loops the same few pcs, found here in one
 // lookup. Measured on this VM (docs/unwinding.md): ~20 -> ~15 us a sample.
-// Direct-mapped and per CPU: the lookup is an inlined array access (a hash map's is a helper
-// call and a hash), nothing is shared between CPUs (no torn or reused entries), and a collision
+// Direct-mapped and per CPU: the lookup is an array access (inlined by the verifier on recent
+// kernels, 6.18 here; a hash map's is a helper call and a hash), nothing is shared between CPUs (no torn or reused entries), and a collision
 // just replaces the entry. Table ids start at 1, so an empty entry matches nothing.
 struct row_cache_entry {
     u32 table_id;

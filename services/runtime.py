@@ -9,6 +9,7 @@ closed their sockets.
 from __future__ import annotations
 
 import gc
+import math
 import logging
 import os
 import signal
@@ -112,8 +113,9 @@ def settle_gc() -> None:
 
 
 def poll_ms(deadline: float, cap: float = 5.0) -> int:
-    """Milliseconds from now (monotonic) to ``deadline``, at least 0 and at most ``cap`` s."""
-    return int(max(0.0, min(deadline - time.monotonic(), cap)) * 1000)
+    """Milliseconds from now (monotonic) to ``deadline``, at least 0 and at most ``cap`` s;
+    rounded up, so that a poll does not return just before its deadline and spin until it."""
+    return math.ceil(max(0.0, min(deadline - time.monotonic(), cap)) * 1000)
 
 
 class Metrics:

@@ -434,3 +434,66 @@ def test_agent_processes_are_told_by_their_run_dir_in_environ():
         child.kill()
         child.wait()
     assert not proc.has_environ_entry(child.pid, b"PARCA_AGENT_RUN_DIR=/run/agent-a")  # gone
+
+
+class ListingSampler:
+    """Stands in for CpuSampler's new-process calls (the kernel side is tested with the real
+    collector above): hands out what was listed, records what the collector marks and
+    forgets."""
+
+    unwinding = False
+
+    class Signal:
+        def clear(self):
+            return False
+
+    def __init__(self):
+        self.new_process_signal = self.Signal()
+        self.listed: dict[int, int] = {}
+        self.marked: list[int] = []
+        self.forgotten: list[int] = []
+
+    def take_new_pids(self):
+        listed, self.listed = self.listed, {}
+        return listed
+
+    def mark_known(self, pids):
+        self.marked.extend(pids)
+
+    def forget_known(self, pids):
+        self.forgotten.extend(pids)
+
+
+def test_an_unreadable_process_is_marked_known_and_retried_later(tmp_path, monkeypatch):
+    """A process whose /proc cannot be read (here: a stat but no maps) is marked known all the
+    same, or each of its samples would list it and wake the collector again (ten times a
+    second); RETRY_UNREADABLE_AFTER later it leaves known_pids, so that it is tried again."""
+    from services.collector import service
+    from services.settings import build_parser, resolve
+
+    proc_dir = tmp_path / "proc" / "4242"
+    proc_dir.mkdir(parents=True)
+    (proc_dir / "stat").write_text("4242 (x) S 1 4242 4242 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 "
+                                   "500 0 0\n")
+    settings = resolve(build_parser().parse_args(
+        [f"--run-dir={tmp_path / 'run'}", f"--cache-dir={tmp_path / 'cache'}",
+         f"--proc-path={tmp_path / 'proc'}"]), environ={})
+    clock = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    sampler = ListingSampler()
+    collector = service.Collector(settings, sampler, service.runtime.Metrics("test"))
+    try:
+        sampler.listed = {4242: 3}
+        collector._read_new_processes()
+        assert sampler.marked == [4242], "not marked known: its every sample would wake us"
+        assert sampler.forgotten == []
+        clock[0] += service.RETRY_UNREADABLE_AFTER - 0.1
+        collector._read_new_processes()
+        assert sampler.forgotten == []
+        clock[0] += 0.2
+        collector._read_new_processes()
+        assert sampler.forgotten == [4242], "never tried again"
+        collector._read_new_processes()
+        assert sampler.forgotten == [4242], "forgotten twice"
+    finally:
+        collector.close()

@@ -338,7 +338,7 @@ class CpuSampler:
         self._write_array(self.unwind_rows, first, rows, UNWIND_ROW_SIZE, UNWIND_ROWS_MAX)
 
     def write_unwind_mappings(self, first: int,
-                              mappings: list[tuple[int, int, int, int, int]]) -> None:
+                              mappings: list[tuple[int, int, int, int, int, int]]) -> None:
         """Place (start, end, bias, first_row, rows, table_id) mappings at index first of
         unwind_mappings."""
         packed = b"".join(UNWIND_MAPPING.pack(*m) for m in mappings)

@@ -110,7 +110,11 @@ class RingSignal:
         page = mmap.PAGESIZE
         self._consumer = mmap.mmap(fd, page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._producer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        try:
+            self._producer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        except OSError:
+            self._consumer.close()
+            raise
 
     def fileno(self) -> int:
         return self.fd

@@ -77,7 +77,7 @@ def load(source: str, cflags: list[str], programs: list[str], maps: list[str],
             os.close(fd)
         raise LoadError("the loader sent a description that does not match its descriptors")
     loaded = Loaded(programs={}, maps={})
-    for fd, item in zip(fds, description):
+    for i, (fd, item) in enumerate(zip(fds, description)):
         if item["kind"] == "program":
             loaded.programs[item["name"]] = fd
         elif item["kind"] == "ring":
@@ -85,6 +85,8 @@ def load(source: str, cflags: list[str], programs: list[str], maps: list[str],
                 loaded.rings[item["name"]] = RingSignal(fd, item["name"])
             except OSError as e:
                 loaded.close()
+                for rest in fds[i:]:  # this one and those not wrapped yet
+                    os.close(rest)
                 raise LoadError(f"cannot map the ring buffer {item['name']}: {e.strerror}") \
                     from None
         else:

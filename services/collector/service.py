@@ -1,6 +1,7 @@
 """The collector's loop: drain the kernel's counts every few seconds (DRAIN_SAMPLES), publish
 them with the stacks, kernel names and process metadata on the raw stream, read new processes
-every second, and keep the in-kernel filter in step with discovery's targets."""
+as soon as the kernel signals them, and keep the in-kernel filter in step with discovery's
+targets."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ DRAIN_INTERVAL_MAX = 5.0
 # every second: ~0.2 ms of CPU each time on this VM, mostly for an empty list). At most every
 # NEW_PROCESS_GAP seconds, so that a burst of process creation is read in batches.
 NEW_PROCESS_GAP = 0.1
+# A process whose /proc cannot be read (another user's without CAP_SYS_PTRACE, another pid
+# namespace) is marked known anyway, or each of its samples would list it and wake the loop
+# again; it leaves known_pids after this long and is tried once more (drains try every sampled
+# process they do not know in any case). UNREADABLE_MAX bounds the pids waiting for a retry.
+RETRY_UNREADABLE_AFTER = 2.0
+UNREADABLE_MAX = 4096
 FORGET_EVERY = 30.0
 # A subscriber that joins is sent every process's metadata at the next drain, at most this
 # often however many join: a peer that keeps subscribing cannot make the collector resend
@@ -80,6 +87,7 @@ class Collector:
         self.processes = ProcessTable(settings.proc_path, BuildIdCache(), binaries, metrics)
         self._newcomers = False  # a subscriber to process metadata joined since the last drain
         self._announced = -ANNOUNCE_EVERY
+        self._unreadable: dict[int, float] = {}  # pid -> when to try reading it again
         self._problems = {name: 0 for name in PROBLEM_NAMES}
         # .eh_frame unwinding: tables load in a background thread as processes appear.
         self.unwinder = None
@@ -100,8 +108,12 @@ class Collector:
         poller.register(self.targets, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)  # subscriptions
         poller.register(stop.fileno(), zmq.POLLIN)  # SIGTERM wakes the sleep below
+        # A process new to the kernel side. Not polled between a wake-up and the tick it
+        # schedules: a burst of new processes wakes the loop once per NEW_PROCESS_GAP, not
+        # once per process.
         signal = self.sampler.new_process_signal
-        poller.register(signal.fileno(), zmq.POLLIN)  # a process new to the kernel side
+        poller.register(signal.fileno(), zmq.POLLIN)
+        signal_polled = True
         interval = self.drain_interval
         next_drain = _next_boundary(time.time(), interval)
         next_tick = math.inf  # only when there is something to do: a new process, a subscriber
@@ -112,7 +124,8 @@ class Collector:
             # wake it too. Drains fall on wall-clock multiples of the interval, which divides
             # the window (windows are wall-clock multiples of their length): a batch then
             # covers time of one window only, and the aggregator places it by its middle.
-            wait = min(next_drain - time.time(), interval, next_tick - time.monotonic())
+            wait = min(next_drain - time.time(), interval, next_tick - time.monotonic(),
+                       self.heartbeat.next_due - time.monotonic())
             ready = dict(poller.poll(runtime.poll_ms(time.monotonic() + wait)))
             now = time.monotonic()
             if self.targets in ready:
@@ -124,6 +137,9 @@ class Collector:
             if signal.fileno() in ready:
                 signal.clear()
                 next_tick = min(next_tick, max(now, last_tick + NEW_PROCESS_GAP))
+                if next_tick > now:
+                    poller.unregister(signal.fileno())
+                    signal_polled = False
             wall = time.time()
             ticked = True
             if wall >= next_drain or next_drain - wall > interval:  # or the clock moved
@@ -135,6 +151,9 @@ class Collector:
                 ticked = False
             if ticked:
                 last_tick = now
+                if not signal_polled:  # the tick took new_pids: wake on the next one
+                    poller.register(signal.fileno(), zmq.POLLIN)
+                    signal_polled = True
                 # A subscriber still waiting was throttled: announcements are ANNOUNCE_EVERY apart.
                 next_tick = self._announced + ANNOUNCE_EVERY if self._newcomers else math.inf
             if self.heartbeat.due():
@@ -185,20 +204,30 @@ class Collector:
             self._republish_due()
 
     def _read_new_processes(self) -> None:
+        now = time.monotonic()
+        if self._unreadable and min(self._unreadable.values()) <= now:
+            retry = [pid for pid, when in self._unreadable.items() if when <= now]
+            for pid in retry:
+                del self._unreadable[pid]
+            self.sampler.forget_known(retry)  # their next sample lists them again
         # Before the list is taken: a process listed after this signals again.
         self.sampler.new_process_signal.clear()
         pids = self.sampler.take_new_pids()
         if not pids:
             return
-        observe, now = self.processes.observe, time.monotonic()
+        observe = self.processes.observe
         known = self.processes.processes
         for pid, samples in pids.items():
             body = observe(pid, (), now)  # None: known already, or gone before we looked
             if body is not None:
                 self._publish_process(body, samples)
-        # Only the ones read: one that could not be (in execve, say) is listed again by its
-        # next sample and retried; one that is gone is not sampled again.
-        self.sampler.mark_known([pid for pid in pids if pid in known])
+        # Every one listed is marked known, or each sample of one that could not be read would
+        # list it and wake the loop again; those are forgotten after a while and retried. (One
+        # that is gone is not sampled again.)
+        for pid in pids:
+            if pid not in known and len(self._unreadable) < UNREADABLE_MAX:
+                self._unreadable[pid] = now + RETRY_UNREADABLE_AFTER
+        self.sampler.mark_known(list(pids))
         self.metrics.inc("new_processes_total", len(pids))
 
     def _publish_process(self, body: dict, samples: int) -> None:
