@@ -9,8 +9,8 @@ closed their sockets.
 from __future__ import annotations
 
 import gc
-import math
 import logging
+import math
 import os
 import signal
 import sys

@@ -478,10 +478,12 @@ def test_an_unreadable_process_is_marked_known_and_retried_later(tmp_path, monke
     settings = resolve(build_parser().parse_args(
         [f"--run-dir={tmp_path / 'run'}", f"--cache-dir={tmp_path / 'cache'}",
          f"--proc-path={tmp_path / 'proc'}"]), environ={})
-    clock = [1000.0]
-    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
     sampler = ListingSampler()
     collector = service.Collector(settings, sampler, service.runtime.Metrics("test"))
+    # The clock is the time module's, shared with every thread: frozen only while the
+    # collector's own calls run, not while its constructor starts threads or close stops them.
+    clock = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
     try:
         sampler.listed = {4242: 3}
         collector._read_new_processes()
@@ -496,4 +498,5 @@ def test_an_unreadable_process_is_marked_known_and_retried_later(tmp_path, monke
         collector._read_new_processes()
         assert sampler.forgotten == [4242], "forgotten twice"
     finally:
+        monkeypatch.undo()
         collector.close()
