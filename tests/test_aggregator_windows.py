@@ -384,3 +384,124 @@ def test_a_repeated_process_message_is_taken_once_and_a_changed_one_again():
                          mappings=[exe, dict(exe, start=0x6000, limit=0x7000)]))
     assert agg.processes[7].comm == "again"  # changed, so made again: from a float pid
     assert type(agg.processes[7].pid) is int
+
+
+def _named_samples(profile) -> list[tuple[list[str], int]]:
+    p = decode(profile)
+    strings = list(p.string_table)
+    names = {f.id: strings[f.name] for f in p.function}
+    frames = {loc.id: names[loc.line[0].function_id] if loc.line else hex(loc.address)
+              for loc in p.location}
+    return sorted(([frames[i] for i in s.location_id], s.value[0]) for s in p.sample)
+
+
+def test_a_targets_next_window_symbolizes_only_its_new_addresses():
+    """The target's builder is kept: a later window looks up only addresses the target has
+    not shown before, and its profile still names every frame and counts only its samples."""
+    symbolizer = NamingSymbolizer()
+    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
+    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": "/bin/work", "build_id": ""}
+    agg.add_process(dict(process(7), mappings=[exe]))
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 3]], [[0x1100, 0x1200]]))
+    (first,) = agg.close_due(BASE + 20 * SECOND)
+    assert [sorted(a) for _, _, a in symbolizer.asked] == [[0x1100, 0x11FF]]
+    agg.add_samples(batch(BASE + 10 * SECOND, [[7, 7, 1, 0, -1, 2], [7, 7, 1, 1, -1, 4]],
+                          [[0x1100, 0x1200], [0x1300, 0x1200]]))
+    (second,) = agg.close_due(BASE + 30 * SECOND)
+    assert [sorted(a) for _, _, a in symbolizer.asked] == [[0x1100, 0x11FF], [0x1300]]
+    assert _named_samples(first) == [(["fn_1100", "fn_11ff"], 3)]
+    assert _named_samples(second) == [(["fn_1100", "fn_11ff"], 2), (["fn_1300", "fn_11ff"], 4)]
+    assert decode(second).time_nanos == BASE + 10 * SECOND
+
+
+class LateSymbolizer(Symbolizer):
+    """Names nothing until ``ready``, then every address fn_<hex>."""
+
+    def __init__(self):
+        super().__init__()
+        self.ready = False
+
+    def frames(self, mapping, candidates, addresses):
+        return [Frame(f"fn_{a:x}") if self.ready else None for a in addresses]
+
+
+def test_an_address_named_in_a_later_window_is_named_in_its_profile():
+    """A file unreadable in one window (not yet in the binary cache) and readable in the next:
+    the target's kept state must not hold on to the nameless frame."""
+    symbolizer = LateSymbolizer()
+    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
+    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": "/bin/work", "build_id": ""}
+    agg.add_process(dict(process(7), mappings=[exe]))
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
+    (first,) = agg.close_due(BASE + 20 * SECOND)
+    symbolizer.ready = True
+    agg.add_samples(batch(BASE + 10 * SECOND, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
+    (second,) = agg.close_due(BASE + 30 * SECOND)
+    assert _named_samples(first) == [(["0x1100"], 1)]
+    assert _named_samples(second) == [(["fn_1100"], 1)]
+
+
+class PathSymbolizer(Symbolizer):
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def frames(self, mapping, candidates, addresses):
+        self.asked.append(mapping.path)
+        return [Frame(f"{mapping.path}:{a:x}") for a in addresses]
+
+
+def test_a_reused_pid_is_named_from_its_new_files_not_the_kept_state():
+    """Same pid, same target key, same addresses, another program: its frames come from its
+    own mappings, not from what the target's kept state learned of the old process."""
+    symbolizer = PathSymbolizer()
+    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
+    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": "/bin/old", "build_id": ""}
+    agg.add_process(dict(process(7), mappings=[exe]))
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
+    (first,) = agg.close_due(BASE + 20 * SECOND)
+    agg.add_process(dict(process(7), start_time=2, mappings=[dict(exe, path="/bin/new")]))
+    agg.add_samples(batch(BASE + 10 * SECOND, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
+    (second,) = agg.close_due(BASE + 30 * SECOND)
+    assert _named_samples(first) == [(["/bin/old:1100"], 1)]
+    assert _named_samples(second) == [(["/bin/new:1100"], 1)]
+    assert symbolizer.asked == ["/bin/old", "/bin/new"]
+
+
+def test_kept_states_are_dropped_when_idle_and_renewed_in_time(monkeypatch):
+    """A target without samples for STATE_IDLE_WINDOWS windows loses its state; a state older
+    than STATE_RENEW_WINDOWS windows starts afresh, and with it the profile stops carrying
+    locations of code the target no longer runs."""
+    from services.aggregator import windows
+    monkeypatch.setattr(windows, "STATE_RENEW_WINDOWS", 2)
+    agg = make()
+    stacks = [[0x1100], [0x1200]]
+    # pid 7 every window; pid 8 in the first only.
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 1], [8, 8, 1, 0, -1, 1]], stacks))
+    agg.close_due(BASE + 20 * SECOND)
+    assert set(agg.states) == {("process", 7), ("process", 8)}
+    for i in (1, 2):
+        agg.add_samples(batch(BASE + i * 10 * SECOND, [[7, 7, 1, 1, -1, 1]], stacks))
+        (profile,) = agg.close_due(BASE + (i + 2) * 10 * SECOND)
+        addresses = sorted(loc.address for loc in decode(profile).location)
+        # Window 2 (i=1) carries window 1's address too; window 3 starts afresh.
+        assert addresses == ([0x1100, 0x1200] if i == 1 else [0x1200]), i
+    for i in range(3, 3 + windows.STATE_IDLE_WINDOWS):
+        agg.add_samples(batch(BASE + i * 10 * SECOND, [[7, 7, 1, 0, -1, 1]], stacks))
+        agg.close_due(BASE + (i + 2) * 10 * SECOND)
+    assert set(agg.states) == {("process", 7)}
+
+
+def test_a_known_leaf_does_not_change_how_a_new_caller_is_looked_up():
+    """A stack with a leaf the target knows and a caller it does not: only the caller is
+    looked up, as a caller (return address - 1), whatever the known leaf is."""
+    symbolizer = NamingSymbolizer()
+    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
+    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": "/bin/work", "build_id": ""}
+    agg.add_process(dict(process(7), mappings=[exe]))
+    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
+    agg.close_due(BASE + 20 * SECOND)
+    agg.add_samples(batch(BASE + 10 * SECOND, [[7, 7, 1, 0, -1, 1]], [[0x1100, 0x1400]]))
+    (second,) = agg.close_due(BASE + 30 * SECOND)
+    assert [sorted(a) for _, _, a in symbolizer.asked] == [[0x1100], [0x13FF]]
+    assert _named_samples(second) == [(["fn_1100", "fn_13ff"], 1)]

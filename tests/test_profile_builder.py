@@ -221,3 +221,51 @@ def test_samples_added_many_at_once_carry_their_own_labels_and_counts(tmp_path):
     traces = pprof("-traces", path=path)
     assert traces.count("thread:  70") == 2 and traces.count("thread:  71") == 1, traces
     assert "50ms   main\n" in traces and "40ms   leaf\n" in traces, traces
+
+
+def test_a_builder_kept_for_the_next_window_carries_only_that_windows_samples(tmp_path):
+    """new_window keeps the tables and their encoding; the next profile is that encoding plus
+    the new window's samples and time. go tool pprof must read it as one profile: the second
+    window's samples only, old and new functions named, its own time."""
+    builder = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    leaf, main = builder.user_locations([LEAF[1], MAIN[1]], [EXE, EXE], [LEAF[2], MAIN[2]])
+    builder.add_many(iter([(leaf, main)]), [3], ("thread",), [(43,)])
+    first = parse(builder.build())
+    builder.new_window(TIME + 10_000_000_000, 10_000_000_000)
+    assert builder.sample_count == 0
+    tables = builder._tables
+    builder.add_many(iter([(leaf, main)]), [2], ("thread",), [(44,)])
+    assert builder.build() and builder._tables is tables  # nothing new: the same encoding
+    builder.new_window(TIME + 10_000_000_000, 10_000_000_000)
+    # A new address: the tables are encoded again, with it.
+    (libc,) = builder.user_locations([LIBC_UNKNOWN[1]], [LIBC], [Frame("memcpy")])
+    builder.add_many(iter([(leaf, main), (libc, main)]), [2, 5], ("thread",), [(44,), (45,)])
+    second = parse(builder.build())
+    assert builder._tables is not tables
+    assert second.time_nanos == TIME + 10_000_000_000 and first.time_nanos == TIME
+    assert sorted(tuple(s.value) for s in second.sample) == [(2, 2 * PERIOD), (5, 5 * PERIOD)]
+    path = tmp_path / "second.pb.gz"
+    path.write_bytes(builder.build())
+    top = pprof("-top", path=path)
+    assert "Total samples = 70ms" in top, top
+    flat = {line.split()[-1]: line.split()[0] for line in top.splitlines()
+            if line.strip().endswith(("leaf", "memcpy"))}
+    assert flat == {"leaf": "20ms", "memcpy": "50ms"}, top
+    raw = pprof("-raw", path=path)
+    assert "thread:[43]" not in raw and "thread:[45]" in raw, raw
+
+
+def test_a_location_made_without_a_name_is_made_again_once_named():
+    """An address whose file could not be read in one window and can in a later one: the
+    later profile names it (a new location; the old one stays, unused)."""
+    builder = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    (before,) = builder.user_locations([LEAF[1]], [EXE], [None])
+    assert builder.user_locations([LEAF[1]], [EXE], [None]) == [before]  # still nameless
+    (after,) = builder.user_locations([LEAF[1]], [EXE], [LEAF[2]])
+    assert after != before
+    assert builder.user_locations([LEAF[1]], [EXE], [None]) == [after]  # the named one stays
+    builder.add_many(iter([(after,)]), [1], ("thread",), [(1,)])
+    p = parse(builder.build())
+    location = next(loc for loc in p.location if loc.id == after)
+    function = next(f for f in p.function if f.id == location.line[0].function_id)
+    assert p.string_table[function.name] == "leaf"

@@ -1,9 +1,17 @@
-"""Builds one pprof profile (profile.proto, gzipped) from symbolized stacks.
+"""Builds pprof profiles (profile.proto, gzipped) from symbolized stacks.
 
 Samples arrive as Python tuples and are merged in dicts; protobuf messages are made once, in
 ``build``, from the merged tables: making messages per sample would cost more than the merging.
 Every location keeps its runtime address and mapping, symbolized or not, so that a store can
 re-symbolize from the mapping's build id.
+
+One builder can serve a target window after window (``new_window``): its tables (mappings,
+locations, functions, strings) only grow, and their encoding is kept and reused while they do
+not change. A profile is then that encoding followed by the encoded samples of its window: a
+protobuf message's encoding may be split anywhere between fields and concatenated, and parsers
+append repeated fields (pprof's own reader, upb and every other conforming one), so the result
+is one Profile. Most windows of a steady target add no location, and building its profile
+costs its samples only.
 """
 
 from __future__ import annotations
@@ -80,6 +88,22 @@ class ProfileBuilder:
         self._samples: dict[tuple[tuple[int, ...], LabelKey], int] = {}
         self._batches: list[tuple[list[tuple[int, ...]], list[LabelKey], list[int]]] = []
         self._sample_total = 0
+        # The encoded tables, and the table sizes they were encoded at: the tables only grow,
+        # so equal sizes mean equal tables.
+        self._tables: bytes = b""
+        self._tables_version: tuple | None = None
+
+    def new_window(self, time_ns: int, duration_ns: int) -> None:
+        """Drop the samples (not the tables) and start the profile of another window."""
+        self.time_ns = time_ns
+        self.duration_ns = duration_ns
+        self._samples = {}
+        self._batches = []
+        self._sample_total = 0
+
+    @property
+    def location_count(self) -> int:
+        return len(self._location_address)
 
     @property
     def sample_count(self) -> int:
@@ -129,6 +153,7 @@ class ProfileBuilder:
         add_address = self._location_address.append
         add_function = self._location_function.append
         add_line = self._location_line.append
+        location_function = self._location_function
         out = []
         for address, mapping, frame in zip(addresses, mappings, frames):
             known = index_of.get(id(mapping))
@@ -138,7 +163,10 @@ class ProfileBuilder:
                 known = index_of[id(mapping)] = (index, self._location_ids.setdefault(index, {}))
             index, ids = known
             lid = ids.get(address)
-            if lid is None:
+            if lid is None or (not location_function[lid - 1] and frame is not None
+                               and frame.function is not None):
+                # New, or named now but not when it was made (its file was unreadable then,
+                # in an earlier window): a new location; the old one stays, unused.
                 function_id = line = 0
                 if frame is not None and frame.function is not None:
                     function_id = function(frame.function, frame.file)
@@ -188,17 +216,10 @@ class ProfileBuilder:
         self._sample_total += sum(counts)
 
     def build(self) -> bytes:
-        """The gzipped serialized Profile."""
+        """The gzipped serialized Profile of the samples added since the last ``new_window``."""
         profile = profile_pb2.Profile()
-        string = self._string
-        for kind, unit in (("samples", "count"), ("cpu", "nanoseconds")):
-            profile.sample_type.add(type=string(kind), unit=string(unit))
-        profile.period_type.type = string("cpu")
-        profile.period_type.unit = string("nanoseconds")
-        profile.period = self.period_ns
         profile.time_nanos = self.time_ns
         profile.duration_nanos = self.duration_ns
-
         period = self.period_ns
         label_messages: dict[LabelKey, list[dict[str, int]]] = {}
         labels = self._labels
@@ -215,7 +236,25 @@ class ProfileBuilder:
             for ids, label, count in zip(location_ids, map(label_messages.__getitem__, label_keys),
                                          counts):
                 add_sample(location_id=ids, value=(count, count * period), label=label)
+        # The tables last: the labels above may have added strings.
+        return gzip.compress(self._encoded_tables() + profile.SerializeToString(),
+                             compresslevel=GZIP_LEVEL, mtime=0)
 
+    def _version(self) -> tuple:
+        return (len(self._strings), len(self._location_address), len(self._functions),
+                len(self._mappings), self._kernel_low, self._kernel_high)
+
+    def _encoded_tables(self) -> bytes:
+        """Everything but the samples and the window's time, encoded; kept while unchanged."""
+        if self._version() == self._tables_version:
+            return self._tables
+        profile = profile_pb2.Profile()
+        string = self._string
+        for kind, unit in (("samples", "count"), ("cpu", "nanoseconds")):
+            profile.sample_type.add(type=string(kind), unit=string(unit))
+        profile.period_type.type = string("cpu")
+        profile.period_type.unit = string("nanoseconds")
+        profile.period = self.period_ns
         self._add_mappings(profile)
         add_location = profile.location.add
         for lid, index, address, function_id, line in zip(
@@ -229,7 +268,9 @@ class ProfileBuilder:
             add_function(id=fid, name=name, system_name=name, filename=filename)
         # Last: every other part has put its strings in the table by now.
         profile.string_table.extend(self._strings)
-        return gzip.compress(profile.SerializeToString(), compresslevel=GZIP_LEVEL, mtime=0)
+        self._tables = profile.SerializeToString()
+        self._tables_version = self._version()
+        return self._tables
 
     def _string(self, s: str) -> int:
         index = self._strings.get(s)

@@ -13,6 +13,11 @@ Ingest is the hot path, so a batch is checked column by column in C (array() for
 ranges) rather than number by number, and each distinct stack of a window is kept once, as a
 small id: a sample's key is five small ints. Building a window's profiles works out each
 distinct stack and address once per target, and the symbolizer remembers frames across windows.
+
+A target's profile builder is kept from one window to the next (``TargetState``): addresses it
+has seen are not symbolized again, and its tables (locations, functions, mappings) are not
+encoded again while no new address comes. Kept states are bounded and started afresh now and
+then, so that what a target stopped running does not stay in its profiles for long.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ PROCESS_TTL = 300.0  # seconds a process's metadata is kept after its last sampl
 MAX_PROCESSES = 32768
 MAX_KERNEL_NAMES = 500_000
 MEMFD_PREFIX = "/memfd:"  # how /proc/<pid>/maps shows memfd_create() mappings
+# A target's kept builder: dropped after this many windows without a sample, started afresh
+# after this many windows (its profiles carry the locations of every window since it started,
+# used or not), or when it holds more locations or layouts than this.
+STATE_IDLE_WINDOWS = 3
+STATE_RENEW_WINDOWS = 30
+STATE_MAX_LOCATIONS = 20_000
+STATE_MAX_LAYOUTS = 64
+MAX_TARGET_STATES = 4096
 
 
 @dataclass
@@ -70,6 +83,17 @@ class Target:
     # samples) in the order the stacks first came, and their sum.
     stacks: list[tuple[tuple[int, int, int, int, int], int]] = field(default_factory=list)
     samples: int = 0
+
+
+@dataclass
+class TargetState:
+    """What a target's profiles keep from one window to the next."""
+    builder: ProfileBuilder
+    # id(layout) -> (the layout, kept so that its id stays its own; address -> location id).
+    # Only addresses whose meaning is settled: named, or in no file that could name them.
+    addresses: dict[int, tuple[tuple, dict[int, int]]] = field(default_factory=dict)
+    windows: int = 0
+    last_window_ns: int = 0
 
 
 @dataclass
@@ -106,6 +130,9 @@ class WindowAggregator:
         self.clock = clock
         self.windows: dict[int, Window] = {}
         self.processes: dict[int, ProcessMeta] = {}
+        # One tuple object per distinct layout, so that a layout is told by its id().
+        self._layouts: dict[tuple, tuple] = {}
+        self.states: OrderedDict[tuple, TargetState] = OrderedDict()
         self.kernel_names: OrderedDict[int, str] = OrderedDict()
         self.by_cgroup: dict[int, tuple[tuple, dict]] = {}
         self.by_pid: dict[int, tuple[tuple, dict]] = {}
@@ -146,13 +173,18 @@ class WindowAggregator:
                                         str(m["path"]), str(m.get("build_id", ""))))
             cache_paths.append(str(m.get("cache_path", "")))
         pid = int(body["pid"])
+        layout = tuple(zip(mappings, cache_paths))
+        layout = self._layouts.setdefault(layout, layout)
+        mappings = [m for m, _ in layout]  # the interned layout's own objects
         self.processes[pid] = ProcessMeta(
             pid=pid, start_time=int(body["start_time"]), comm=str(body["comm"]),
             executable=str(body["executable"]), mappings=mappings, cache_paths=cache_paths,
             starts=[m.start for m in mappings], last_used=time.monotonic(),
-            layout=tuple(zip(mappings, cache_paths)), source=source)
+            layout=layout, source=source)
         if len(self.processes) > MAX_PROCESSES:
             self._forget_processes()
+        if len(self._layouts) > 2 * MAX_PROCESSES:  # replaced ones: keep those still in use
+            self._layouts = {m.layout: m.layout for m in self.processes.values()}
 
     def add_samples(self, body: dict) -> None:
         """Count one batch. A bad batch raises TypeError or ValueError (never OverflowError)
@@ -277,8 +309,37 @@ class WindowAggregator:
                     target.stacks = []
                 if profile is not None:
                     profiles.append(profile)
+            self._forget_states(window.start_ns)
             self._count("windows_closed_total")
         return profiles
+
+    def _state(self, target: Target, window: Window) -> TargetState:
+        state = self.states.get(target.key)
+        if state is None or state.windows >= STATE_RENEW_WINDOWS or (
+                state.builder.location_count > STATE_MAX_LOCATIONS
+                or len(state.addresses) > STATE_MAX_LAYOUTS):
+            period_ns = int(1e9 / self.frequency)
+            state = self.states[target.key] = TargetState(ProfileBuilder(
+                period_ns, window.start_ns, window.end_ns - window.start_ns))
+            while len(self.states) > MAX_TARGET_STATES:
+                self.states.popitem(last=False)
+        else:
+            state.builder.new_window(window.start_ns, window.end_ns - window.start_ns)
+        self.states.move_to_end(target.key)
+        state.windows += 1
+        state.last_window_ns = window.start_ns
+        return state
+
+    def _forget_states(self, window_start_ns: int) -> None:
+        """Drop the states of targets without a sample in the last STATE_IDLE_WINDOWS windows
+        (least recently used first, so the scan stops at the first recent one)."""
+        cutoff = window_start_ns - STATE_IDLE_WINDOWS * self.duration_ns
+        states = self.states
+        while states:
+            key, state = next(iter(states.items()))
+            if state.last_window_ns > cutoff:
+                break
+            del states[key]
 
     def _finish(self, window: Window, target: Target) -> dict | None:
         if target.labels is None:
@@ -292,8 +353,8 @@ class WindowAggregator:
 
     def build_profile(self, window: Window, target: Target) -> dict:
         started = time.perf_counter()
-        period_ns = int(1e9 / self.frequency)
-        builder = ProfileBuilder(period_ns, window.start_ns, window.end_ns - window.start_ns)
+        state = self._state(target, window)
+        builder = state.builder
         stacks = window.stack_list()
         # The target's samples as columns, in the order they came (the profile's order).
         keys = [key for key, _ in target.stacks]
@@ -308,19 +369,34 @@ class WindowAggregator:
                 uids_of.setdefault(group, []).append(uid)
         # Location ids of each distinct stack, worked out once per window and target (a user
         # stack once per address layout: the same addresses mean other code in another
-        # layout). Each step is a pass over distinct stacks or addresses, mostly in C.
+        # layout). Each step is a pass over distinct stacks or addresses, mostly in C; only
+        # addresses new to the target's state are symbolized.
         kernel_ids = self._kernel_location_ids(builder, stacks, kernel_keys)
         user_ids = {(group, 0): () for group in range(len(metas))}
         for group, uids in uids_of.items():
+            meta = metas[group]
             group_stacks = list(map(stacks.__getitem__, uids))
-            # The group's distinct addresses, in the order they first come.
-            addresses = list(dict.fromkeys(chain.from_iterable(group_stacks)))
-            mappings, frames = self._symbolize(metas[group], group_stacks, addresses)
-            ids = dict(zip(addresses, builder.user_locations(
-                addresses, map(mappings.get, addresses), map(frames.get, addresses))))
-            get = ids.__getitem__
-            user_ids.update(zip(zip(repeat(group), uids),
-                                (tuple(map(get, stack)) for stack in group_stacks)))
+            known = self._known_addresses(state, meta)
+            get = known.get
+            ids = [tuple(map(get, stack)) for stack in group_stacks]
+            missing = [stack for stack, i in zip(group_stacks, ids) if None in i]
+            if missing:
+                # Their new addresses, in the order they first come.
+                addresses = [a for a in dict.fromkeys(chain.from_iterable(missing))
+                             if a not in known]
+                mappings, frames = self._symbolize(meta, missing, addresses)
+                new = dict(zip(addresses, builder.user_locations(
+                    addresses, map(mappings.get, addresses), map(frames.get, addresses))))
+                for address, lid in new.items():
+                    mapping = mappings.get(address)
+                    if (frames.get(address) is not None or mapping is None
+                            or not mapping.path.startswith("/")):
+                        known[address] = lid  # settled: no later window can name it better
+                new.update(known)
+                get = new.__getitem__
+                ids = [i if None not in i else tuple(map(get, stack))
+                       for stack, i in zip(group_stacks, ids)]
+            user_ids.update(zip(zip(repeat(group), uids), ids))
         # A thread's samples are told apart by tid, and in a target of many processes by pid.
         if target.per_process:
             names, values = ("thread",), [key[2:3] for key in keys]
@@ -335,6 +411,16 @@ class WindowAggregator:
         if self.metrics:
             self.metrics.set("profile_build_seconds", time.perf_counter() - started)
         return profile
+
+    @staticmethod
+    def _known_addresses(state: TargetState, meta: ProcessMeta | None) -> dict[int, int]:
+        """The state's address -> location id for a layout group's addresses. Processes
+        without a message share one: their addresses have no mapping, and mean the same."""
+        layout = meta.layout if meta is not None else ()
+        entry = state.addresses.get(id(layout))
+        if entry is None:
+            entry = state.addresses[id(layout)] = (layout, {})
+        return entry[1]
 
     def _kernel_location_ids(self, builder: ProfileBuilder, stacks: list[tuple[int, ...]],
                              kernel_keys: list[int]) -> dict[int, tuple[int, ...]]:
@@ -358,13 +444,14 @@ class WindowAggregator:
         processes = self.processes
         now = time.monotonic()
         group_of: dict[int, int] = {}
-        groups: dict[tuple, int] = {}
+        groups: dict[int | tuple, int] = {}
         metas: list[ProcessMeta | None] = []
         for pid in dict.fromkeys(pids):
             meta = processes.get(pid)
             if meta is not None:
                 meta.last_used = now
-            layout = meta.layout if meta is not None else ("pid", pid)
+            # Layouts are interned (_add_process): equal layouts are one object.
+            layout = id(meta.layout) if meta is not None else ("pid", pid)
             group = group_of[pid] = groups.setdefault(layout, len(groups))
             if group == len(metas):
                 metas.append(meta)
@@ -382,7 +469,8 @@ class WindowAggregator:
         # A caller's return address points after its call: look up the call itself. An
         # address seen both innermost and as a caller is looked up as a caller.
         callers = set(chain.from_iterable(map(_TAIL, group_stacks)))
-        only_leaves = sorted(set(map(_HEAD, group_stacks)) - callers)
+        only_leaves = sorted(set(map(_HEAD, group_stacks)).difference(callers)
+                             .intersection(addresses))
         addresses = sorted(addresses)
         mappings: dict[int, MappingInfo] = {}
         frames: dict[int, Frame | None] = {}
