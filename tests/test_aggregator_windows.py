@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import services.proto_gen  # noqa: F401
 from pprof import profile_pb2
@@ -505,3 +507,28 @@ def test_a_known_leaf_does_not_change_how_a_new_caller_is_looked_up():
     (second,) = agg.close_due(BASE + 30 * SECOND)
     assert [sorted(a) for _, _, a in symbolizer.asked] == [[0x1100], [0x13FF]]
     assert _named_samples(second) == [(["fn_1100", "fn_13ff"], 1)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 12)), max_size=8),
+       st.lists(st.integers(0, 60), max_size=20))
+def test_each_address_goes_to_the_mapping_holding_it(spans, addresses):
+    """_symbolize visits only the mappings that hold an address; every address must still get
+    the mapping a scan of all of them gives: the last starting at or below it, up to its limit
+    or the next mapping's start, whichever comes first (mappings may overlap or leave gaps)."""
+    agg = WindowAggregator("node-a", 10, 100, PathSymbolizer(), clock=lambda: BASE)
+    maps = [{"start": s * 0x100, "limit": (s + n) * 0x100, "offset": 0, "path": f"/m{k}",
+             "build_id": ""} for k, (s, n) in enumerate(spans)]
+    agg.add_process(dict(process(7), mappings=maps))
+    meta = agg.processes[7]
+    addresses = sorted({a * 0x40 for a in addresses})
+    mappings, frames = agg._symbolize(meta, [(a,) for a in addresses], addresses)
+    expected = {}
+    for a in addresses:
+        for i, m in enumerate(meta.mappings):
+            end = m.limit if i + 1 == len(meta.mappings) else min(m.limit, meta.starts[i + 1])
+            if m.start <= a < end:
+                expected[a] = m
+    assert mappings == expected
+    assert {a: f.function for a, f in frames.items()} == {
+        a: f"{m.path}:{a:x}" for a, m in expected.items()}

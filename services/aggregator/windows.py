@@ -475,15 +475,25 @@ class WindowAggregator:
         mappings: dict[int, MappingInfo] = {}
         frames: dict[int, Frame | None] = {}
         starts = meta.starts
-        for i, mapping in enumerate(meta.mappings):
-            # The addresses of this mapping: from its start up to its limit or the next
-            # mapping's start, whichever comes first.
-            end = mapping.limit if i + 1 == len(starts) else min(mapping.limit, starts[i + 1])
-            lo = bisect.bisect_left(addresses, mapping.start)
-            hi = bisect.bisect_left(addresses, end, lo)
-            if lo >= hi:
+        last = len(starts) - 1
+        # Only the mappings that hold an address are visited (a window of a known target
+        # brings a few new addresses, a process maps dozens of files): from the lowest address
+        # not yet placed, to the mapping starting at or below it and past its addresses.
+        lo, n = 0, len(addresses)
+        while lo < n:
+            i = bisect.bisect_right(starts, addresses[lo]) - 1
+            if i < 0:  # below every mapping
+                lo = bisect.bisect_left(addresses, starts[0], lo) if starts else n
                 continue
-            inside = addresses[lo:hi]
+            mapping = meta.mappings[i]
+            # Its addresses: from its start up to its limit or the next mapping's start,
+            # whichever comes first.
+            end = mapping.limit if i == last else min(mapping.limit, starts[i + 1])
+            hi = bisect.bisect_left(addresses, end, lo)
+            start, lo = lo, (n if i == last else bisect.bisect_left(addresses, starts[i + 1], hi))
+            if start >= hi:
+                continue
+            inside = addresses[start:hi]
             mappings.update(zip(inside, repeat(mapping)))
             if not mapping.path.startswith("/"):
                 continue
