@@ -267,3 +267,25 @@ def test_metrics_names_reach_the_registry_unchanged():
     health.record("ui", 1, 1.0, m.snapshot())
     text = exposition.render(exposition.registry(health)).decode()
     assert 'parca_agent_ui_http_requests_total{code="200",handler="index"} 1.0' in text
+
+
+def test_expired_targets_are_looked_for_once_a_second_and_on_every_heartbeat():
+    """Each profile no longer scans every target (that was most of the feed's work with a few
+    hundred targets): a scan runs at most every EXPIRY_SCAN_SECONDS on adds, and always on
+    expire() (the feed's heartbeat), so an expired target lingers at most that long."""
+    from services.ui.state import EXPIRY_SCAN_SECONDS, TARGET_EXPIRY_SECONDS
+    now = [100.0]
+    store = TargetStore(clock=lambda: now[0])
+    store.add({"pid": "old"}, window(100.0))
+    now[0] = 100.0 + TARGET_EXPIRY_SECONDS - 0.5
+    store.add({"pid": "a"}, window(now[0]))  # scans: "old" is not expired yet
+    now[0] += EXPIRY_SCAN_SECONDS / 2 + 0.1  # "old" has expired, but the last scan is recent
+    store.add({"pid": "b"}, window(now[0]))
+    assert store.count() == 3
+    store.expire()
+    assert sorted(t.labels["pid"] for t in store.targets()) == ["a", "b"]
+    store.add({"pid": "old"}, window(now[0]))
+    now[0] += TARGET_EXPIRY_SECONDS + EXPIRY_SCAN_SECONDS  # all expired but the next one added
+    store.add({"pid": "c"}, window(now[0]))
+    assert [t.labels["pid"] for t in store.targets()] == ["c"]
+    assert store.total_bytes == 10

@@ -21,6 +21,9 @@ MAX_WINDOWS_PER_TARGET = 240  # 10 minutes of windows as short as 2.5 s
 MAX_TARGETS = 2000
 MAX_TOTAL_BYTES = 256 * 1024 * 1024  # compressed pprof across every target
 TARGET_EXPIRY_SECONDS = 300.0  # a target without a profile for this long is gone
+# Expired targets are looked for at most this often: the look is a pass over every target, and
+# doing it on each profile cost more than the rest of taking it in with a few hundred targets.
+EXPIRY_SCAN_SECONDS = 1.0
 RANGES = {"latest": 0.0, "1m": 60.0, "5m": 300.0, "10m": 600.0}
 
 
@@ -64,6 +67,8 @@ class TargetStore:
         # Notified on every new window; /query waits on it for the next matching profile.
         self._arrived = threading.Condition(self._lock)
         self._generation = 0
+        self._scanned_at = float("-inf")  # the clock's time of the last expiry scan
+        self._ids: dict[tuple, str] = {}  # sorted label items -> target_id, for the feed
 
     @property
     def total_bytes(self) -> int:
@@ -71,7 +76,12 @@ class TargetStore:
 
     def add(self, labels: dict[str, str], window: Window, error: str | None = None) -> Target:
         with self._lock:
-            tid = target_id(labels)
+            key = tuple(sorted(labels.items()))
+            tid = self._ids.get(key)
+            if tid is None:
+                if len(self._ids) >= 2 * MAX_TARGETS:
+                    self._ids.clear()
+                tid = self._ids[key] = target_id(labels)
             target = self._targets.get(tid)
             if target is None:
                 target = self._targets[tid] = Target(tid, dict(labels))
@@ -101,11 +111,13 @@ class TargetStore:
                 or newest - target.windows[0].end_ns > HISTORY_SECONDS * 1e9):
             self._drop_oldest(target)
 
-    def _evict(self) -> None:
+    def _evict(self, scan: bool = False) -> None:
         now = self._clock()
-        for tid in [t.id for t in self._targets.values()
-                    if now - t.last_seen > TARGET_EXPIRY_SECONDS]:
-            self._remove(tid)
+        if scan or now - self._scanned_at >= EXPIRY_SCAN_SECONDS:
+            self._scanned_at = now
+            for tid in [t.id for t in self._targets.values()
+                        if now - t.last_seen > TARGET_EXPIRY_SECONDS]:
+                self._remove(tid)
         while len(self._targets) > MAX_TARGETS:
             self._remove(min(self._targets.values(), key=lambda t: t.last_seen).id)
         while self._bytes > MAX_TOTAL_BYTES and self._targets:
@@ -122,7 +134,11 @@ class TargetStore:
 
     def expire(self) -> None:
         with self._lock:
-            self._evict()
+            self._evict(scan=True)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._targets)
 
     def targets(self) -> list[Target]:
         """A copy of every target, sorted by labels (the windows are shared, not copied)."""
