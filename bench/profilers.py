@@ -150,14 +150,17 @@ class PerfProfiler:
 class PerfWindowsProfiler:
     """perf producing what the agent produces: a recording every window (10 s), i.e. `perf
     record` run back to back for one window each. Each run pays perf's start (synthesizing
-    every process's maps) and exit (build ids) that the 60 s run pays once."""
-
-    name = "perf-10s"
-    note = ("perf record -F 100 -a -g -o <file> -- sleep 10, back to back: one recording per "
-            "10 s window, the agent's output cadence; cpu/s and total both count every run")
+    every process's maps) and exit (build ids) that the 60 s run pays once. Other window
+    lengths give other anchors (the load bench also runs 60 s pieces: the overhead bench's
+    perf run, repeated)."""
 
     def __init__(self, window: float = 10.0):
         self.window = window
+        self.name = f"perf-{window:g}s"
+        self.note = (f"perf record -F 100 -a -g -o <file> -- sleep {window:g}, back to back: "
+                     f"one recording per {window:g} s"
+                     + (" window, the agent's output cadence" if window == 10.0 else "")
+                     + "; cpu/s and total both count every run")
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
