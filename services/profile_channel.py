@@ -9,6 +9,12 @@ so a resend of a profile it already has is acknowledged again, not spooled twice
 
 The memory queue is bounded by bytes: when the shipper is gone for long, the oldest profiles are
 dropped and counted (the shipper's disk spool, not this queue, is what rides out long outages).
+
+The aggregator sends a window's profiles as ``profiles`` messages (``send_many``: as few as the
+batch bounds allow), acknowledged and resent as one by the batch's id; the shipper spools each
+profile on its own (deduplicated by profile id, so a resent batch spools only what it lacks)
+and acknowledges the batch once all are safe. One message per profile cost every hop its
+receive, decode and ack: with a few hundred small targets, more than building the profiles.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import zmq
@@ -29,6 +37,10 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # a few hundred windows of busy targets
 DEFAULT_RESEND_AFTER = 5.0  # seconds; well above the time a shipper needs to fsync a profile
 # A profile id is an opaque string; longer ones are refused so that ids stay cheap to remember.
 MAX_ID_LENGTH = 256
+# A batch: at most this many profiles, and this many bytes of pprof (a larger profile goes alone),
+# far below a receiver's frame limit (wire.MAX_FRAME_BYTES).
+BATCH_MAX_PROFILES = 1000
+BATCH_MAX_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -36,6 +48,25 @@ class _Unacked:
     frames: list[bytes]
     size: int
     sent_at: float  # monotonic; 0 when it never left the socket
+    count: int = 1  # profiles in it
+
+
+def batches(bodies: Iterable[dict], max_profiles: int | None = None,
+            max_bytes: int | None = None) -> Iterator[list[dict]]:
+    """Profile bodies in order, grouped within the batch bounds (BATCH_MAX_* by default)."""
+    max_profiles = BATCH_MAX_PROFILES if max_profiles is None else max_profiles
+    max_bytes = BATCH_MAX_BYTES if max_bytes is None else max_bytes
+    batch: list[dict] = []
+    size = 0
+    for body in bodies:
+        n = len(body["pprof"])
+        if batch and (len(batch) >= max_profiles or size + n > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(body)
+        size += n
+    if batch:
+        yield batch
 
 
 class ProfileSender:
@@ -52,8 +83,9 @@ class ProfileSender:
         self.metrics = metrics or runtime.Metrics("profile_sender")
         self.dropped = 0  # oldest profiles dropped because the queue was full
         self._publisher = wire.Publisher(src)
-        self._unacked: OrderedDict[str, _Unacked] = OrderedDict()
+        self._unacked: OrderedDict[str, _Unacked] = OrderedDict()  # by profile or batch id
         self._bytes = 0
+        self._profiles = 0
         self._ctx = ctx or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         # IMMEDIATE: with no shipper connected, a send fails at once instead of queueing in a
@@ -70,26 +102,48 @@ class ProfileSender:
 
         Never blocks. A body that lacks a key raises ValueError (from wire.Publisher.encode).
         """
-        frames = self._publisher.encode("profile", body)
-        profile_id = body["id"]
+        self._queue(body["id"], self._publisher.encode("profile", body), 1)
+
+    def send_many(self, bodies: list[dict]) -> list[list[bytes]]:
+        """Queue profile bodies and send them as ``profiles`` messages within the batch bounds;
+        return those messages' frames (the aggregator publishes the same frames to the UI: one
+        encoding, one sequence). Never blocks; a body that lacks a key raises ValueError and
+        nothing is queued."""
+        for body in bodies:
+            wire.check_fields("profile", body)
+        sent = []
+        for batch in batches(bodies):
+            batch_id = uuid.uuid4().hex
+            frames = self._publisher.encode("profiles", {"id": batch_id, "profiles": batch})
+            self._queue(batch_id, frames, len(batch))
+            sent.append(frames)
+        return sent
+
+    def _queue(self, message_id: str, frames: list[bytes], count: int) -> None:
         size = sum(len(f) for f in frames)
-        previous = self._unacked.pop(profile_id, None)
+        previous = self._unacked.pop(message_id, None)
         if previous is not None:
-            self._bytes -= previous.size
+            self._forget(previous)
         while self._unacked and self._bytes + size > self.max_bytes:
             _, oldest = self._unacked.popitem(last=False)
-            self._bytes -= oldest.size
-            self._count_drop()
+            self._forget(oldest)
+            self._count_drop(oldest.count)
         if size > self.max_bytes:
-            self._count_drop()
+            self._count_drop(count)
             return
-        entry = _Unacked(frames=frames, size=size, sent_at=0.0)
-        self._unacked[profile_id] = entry
+        entry = _Unacked(frames=frames, size=size, sent_at=0.0, count=count)
+        self._unacked[message_id] = entry
         self._bytes += size
+        self._profiles += count
         self._transmit(entry)
 
+    def _forget(self, entry: _Unacked) -> None:
+        self._bytes -= entry.size
+        self._profiles -= entry.count
+
     def poll(self) -> int:
-        """Take every waiting ack without blocking, resend what is overdue; return acks taken."""
+        """Take every waiting ack without blocking, resend what is overdue; return the number
+        of profiles acknowledged."""
         acked = 0
         while True:
             try:
@@ -106,10 +160,10 @@ class ProfileSender:
             ack_id = msg.body["id"]
             entry = self._unacked.pop(ack_id, None) if isinstance(ack_id, str) else None
             if entry is not None:
-                self._bytes -= entry.size
-                acked += 1
+                self._forget(entry)
+                acked += entry.count
         self._resend_overdue()
-        self.metrics.set("profiles_unacked", len(self._unacked))
+        self.metrics.set("profiles_unacked", self._profiles)
         return acked
 
     @property
@@ -128,7 +182,7 @@ class ProfileSender:
 
     def pending(self) -> int:
         """Profiles sent but not yet acknowledged."""
-        return len(self._unacked)
+        return self._profiles
 
     def pending_bytes(self) -> int:
         return self._bytes
@@ -152,29 +206,41 @@ class ProfileSender:
         entry.sent_at = time.monotonic()
         return True
 
-    def _count_drop(self) -> None:
-        self.dropped += 1
-        self.metrics.inc("profiles_dropped_total", reason="queue_full")
+    def _count_drop(self, count: int) -> None:
+        self.dropped += count
+        self.metrics.inc("profiles_dropped_total", count, reason="queue_full")
 
 
 @dataclass
 class ReceivedProfile:
     peer: bytes  # the ROUTER identity of the sender, to address the ack
-    message: wire.Message
-    frames: list[bytes]  # the message as it came, [topic, header, body]: what the spool keeps
+    message: wire.Message  # a ``profile`` message
+    frames: list[bytes]  # the profile as one ``profile`` message: what the spool keeps
+
+
+@dataclass
+class Delivery:
+    """What one message brought: its profiles, and the id to acknowledge once all are safe
+    (the profile's own for ``profile``, the batch's for ``profiles``)."""
+    peer: bytes
+    ack_id: str
+    profiles: list[ReceivedProfile]
 
 
 class ProfileInbox:
     """The shipper's side: receive profiles on the ROUTER and acknowledge them by id.
 
-    Every frame sequence is survivable: what does not decode as a ``profile`` with a usable id
-    is counted (``messages_malformed_total{reason}``), logged at a rate and dropped.
+    Every frame sequence is survivable: what does not decode as a ``profile`` or ``profiles``
+    with a usable id is counted (``messages_malformed_total{reason}``), logged at a rate and
+    dropped; a bad profile inside a good batch is counted and left out.
     """
 
     def __init__(self, run_dir: str, metrics: runtime.Metrics, *, ctx: zmq.Context | None = None,
                  src: str = "shipper"):
         self.metrics = metrics
         self._publisher = wire.Publisher(src)
+        # Re-encodes each profile of a batch as a ``profile`` message, the spool's unit.
+        self._unbatcher = wire.Publisher("aggregator")
         self._bad_log = runtime.RateLimitedLog(log)
         self._ctx = ctx or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.ROUTER)
@@ -183,8 +249,9 @@ class ProfileInbox:
         self.address = wire.endpoint(run_dir, wire.ENDPOINT_SHIPPER)
         runtime.bind(self.sock, self.address)
 
-    def receive(self) -> ReceivedProfile | None:
-        """One profile without blocking, or None (nothing waiting, or a bad message dropped)."""
+    def receive(self) -> Delivery | None:
+        """One message's profiles without blocking, or None (nothing waiting, or a bad message
+        dropped)."""
         try:
             frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -196,13 +263,30 @@ class ProfileInbox:
             msg = wire.decode(frames[1:])
         except wire.WireError as e:
             return self._malformed(e.reason, str(e))
-        if msg.type != "profile":
+        if msg.type == "profile":
+            problem = profile_problem(msg.body)
+            if problem:
+                return self._malformed("bad_profile", problem)
+            self.metrics.inc("messages_received_total", type="profile")
+            return Delivery(peer, msg.body["id"], [ReceivedProfile(peer, msg, frames[1:])])
+        if msg.type != "profiles":
             return self._malformed("unexpected_type", msg.type)
-        problem = profile_problem(msg.body)
-        if problem:
-            return self._malformed("bad_profile", problem)
-        self.metrics.inc("messages_received_total", type="profile")
-        return ReceivedProfile(peer=peer, message=msg, frames=frames[1:])
+        batch_id, bodies = msg.body["id"], msg.body["profiles"]
+        if not _usable_id(batch_id) or not isinstance(bodies, list):
+            return self._malformed("bad_profiles", "id is not a short non-empty string or "
+                                   "profiles is not a list")
+        self.metrics.inc("messages_received_total", type="profiles")
+        received = []
+        for body in bodies:
+            problem = profile_problem(body) if isinstance(body, dict) else "not a map"
+            if problem:
+                self._malformed("bad_profile", problem)  # resending would not mend it
+                continue
+            received.append(ReceivedProfile(
+                peer, wire.Message("profile", body, src=msg.src, seq=msg.seq, ts=msg.ts,
+                                   version=msg.version, topic=wire.TOPIC_PROFILE),
+                self._unbatcher.encode("profile", body)))
+        return Delivery(peer, batch_id, received)
 
     def ack(self, peer: bytes, profile_id: str) -> None:
         frames = self._publisher.encode("ack", {"id": profile_id})
@@ -223,10 +307,13 @@ class ProfileInbox:
         return None
 
 
+def _usable_id(value) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
+
+
 def profile_problem(body: dict) -> str:
     """Why a profile body cannot be shipped, or "" when it can."""
-    profile_id = body.get("id")
-    if not isinstance(profile_id, str) or not profile_id or len(profile_id) > MAX_ID_LENGTH:
+    if not _usable_id(body.get("id")):
         return "id is not a short non-empty string"
     labels = body.get("labels")
     if not isinstance(labels, dict) or not all(

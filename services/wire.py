@@ -24,7 +24,7 @@ from typing import Any
 
 import msgpack
 
-WIRE_VERSION = (1, 0)
+WIRE_VERSION = (1, 1)  # 1.1 added `profiles`
 
 # Message types and the body keys each one must carry (more keys are allowed: minor versions add).
 MESSAGE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -36,6 +36,10 @@ MESSAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "targets": ("targets", "filtering"),
     # aggregator -> shipper (acknowledged), ui (PUB): one finished profile.
     "profile": ("id", "labels", "start_ns", "end_ns", "pprof", "samples"),
+    # aggregator -> shipper (acknowledged as one, by its id), ui (PUB): finished profiles, each
+    # a `profile` body; what the aggregator sends, a window's profiles in as few as the batch
+    # bounds allow (every message costs each hop its receive, decode and ack).
+    "profiles": ("id", "profiles"),
     # shipper -> aggregator: the profile with this id is safe in the spool.
     "ack": ("id",),
     # every service -> ui: alive, with its counters.
@@ -46,7 +50,7 @@ MESSAGE_FIELDS: dict[str, tuple[str, ...]] = {
 TOPIC_SAMPLES = b"samples"
 TOPIC_PROCESS = b"process"
 TOPIC_TARGETS = b"targets"
-TOPIC_PROFILE = b"profile"
+TOPIC_PROFILE = b"profile"  # a prefix of b"profiles" too: a SUB to it takes both
 TOPIC_ACK = b"ack"
 TOPIC_HEARTBEAT = b"heartbeat"
 
@@ -109,15 +113,20 @@ class Publisher:
     _packer: msgpack.Packer = field(default_factory=lambda: msgpack.Packer(use_bin_type=True))
 
     def encode(self, mtype: str, body: dict[str, Any], topic: bytes | None = None) -> list[bytes]:
-        missing = [k for k in MESSAGE_FIELDS[mtype] if k not in body]
-        if missing:
-            raise ValueError(f"{mtype} message lacks {missing}")
+        check_fields(mtype, body)
         if topic is None:
             topic = default_topic(mtype, self.src)
         seq = self.seq[topic] = self.seq.get(topic, 0) + 1
         header = {"v": list(WIRE_VERSION), "type": mtype, "src": self.src, "seq": seq,
                   "ts": time.time()}
         return [topic, self._packer.pack(header), self._packer.pack(body)]
+
+
+def check_fields(mtype: str, body: dict[str, Any]) -> None:
+    """ValueError when ``body`` lacks a key its type must carry."""
+    missing = [k for k in MESSAGE_FIELDS[mtype] if k not in body]
+    if missing:
+        raise ValueError(f"{mtype} message lacks {missing}")
 
 
 def default_topic(mtype: str, src: str) -> bytes:

@@ -143,7 +143,9 @@ def test_aggregator_survives_fuzzed_stream_and_still_builds_profiles(tmp_path):
                 "records": [[4242, 4242, 1, 0, -1, 7]], "stacks": [[0x401000]],
                 "kernel_symbols": {}}))
             time.sleep(0.3)
-        got = sub.wait_for(lambda m: m.body["labels"].get("comm") == "survivor", 10)
+        # The aggregator sends a window's profiles as one `profiles` message.
+        got = sub.wait_for(lambda m: m.type == "profiles" and any(
+            p["labels"].get("comm") == "survivor" for p in m.body["profiles"]), 10)
         sub.close()
         assert got is not None, open(tmp_path / "aggregator.log").read()[-3000:]
         assert proc.poll() is None

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services import runtime, wire
-from services.profile_channel import ProfileInbox, ProfileSender
+from services import profile_channel
+from services.profile_channel import ProfileInbox, ProfileSender, batches
 from tests.helpers.store_server import ShipperThread, profile_body, send_acked, wait_until
 
 ENV = {"PARCA_AGENT_INSECURE": "true"}
@@ -42,8 +43,8 @@ def test_sender_resends_until_acknowledged(tmp_path):
 
 
 def _collect(inbox: ProfileInbox, seen: list) -> int:
-    while (received := inbox.receive()) is not None:
-        seen.append(received)
+    while (delivery := inbox.receive()) is not None:
+        seen.extend(delivery.profiles)
     return len(seen)
 
 
@@ -104,6 +105,10 @@ _ANY = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 63), 2 ** 64 - 1),
 _PROFILE_LIKE = st.fixed_dictionaries(
     {k: _ANY for k in wire.MESSAGE_FIELDS["profile"]}).map(
     lambda body: wire.Publisher("fuzz").encode("profile", body))
+_BATCH_LIKE = st.fixed_dictionaries(
+    {"id": _ANY, "profiles": st.one_of(_ANY, st.lists(st.one_of(_ANY, st.fixed_dictionaries(
+        {k: _ANY for k in wire.MESSAGE_FIELDS["profile"]})), max_size=3))}).map(
+    lambda body: wire.Publisher("fuzz").encode("profiles", body))
 _GARBAGE = st.lists(st.binary(max_size=64), min_size=1, max_size=5)
 _WRONG_TYPE = st.sampled_from(["ack", "heartbeat", "samples"]).map(
     lambda t: wire.Publisher("fuzz").encode(t, {k: 1 for k in wire.MESSAGE_FIELDS[t]}))
@@ -117,7 +122,7 @@ def test_garbage_frames_never_stop_the_shipper_loop(tmp_path):
         fuzzer.connect(wire.endpoint(sh.settings.run_dir, wire.ENDPOINT_SHIPPER))
 
         @settings(max_examples=300, deadline=None, database=None)
-        @given(frames=st.one_of(_GARBAGE, _PROFILE_LIKE, _WRONG_TYPE))
+        @given(frames=st.one_of(_GARBAGE, _PROFILE_LIKE, _BATCH_LIKE, _WRONG_TYPE))
         def feed(frames):
             fuzzer.send_multipart(frames)
 
@@ -129,3 +134,64 @@ def test_garbage_frames_never_stop_the_shipper_loop(tmp_path):
             assert sh.metric("messages_malformed_total", reason="bad_profile") > 0
         finally:
             fuzzer.close()
+
+
+def test_batches_keep_order_within_their_bounds():
+    bodies = [dict(profile_body(n), pprof=b"x" * size) for n, size in
+              enumerate([10, 10, 10, 25, 5, 40, 1])]
+    got = [[b["id"] for b in batch] for batch in batches(bodies, max_profiles=3, max_bytes=30)]
+    # 3 profiles at most; 30 bytes at most, unless one alone is larger.
+    assert got == [["profile-0", "profile-1", "profile-2"], ["profile-3", "profile-4"],
+                   ["profile-5"], ["profile-6"]]
+    assert list(batches([])) == []
+
+
+def test_a_batch_is_spooled_per_profile_and_acknowledged_as_one(tmp_path, monkeypatch):
+    """send_many: as many messages as the bounds need, each acknowledged once all of its
+    profiles are in the spool; a resent batch spools only the profiles the spool lacks."""
+    monkeypatch.setattr(profile_channel, "BATCH_MAX_PROFILES", 2)
+    with ShipperThread(tmp_path, "127.0.0.1:1", env=ENV) as sh:
+        sender = sh.sender()
+        sent = sender.send_many([profile_body(n) for n in range(5)])
+        assert len(sent) == 3 and sender.pending() == 5
+        assert [f[0] for f in sent] == [b"profiles"] * 3
+        assert wait_until(lambda: sender.poll() >= 0 and sender.pending() == 0, 10)
+        assert sh.metric("messages_received_total", type="profiles") == 3
+        assert sh.metric("profiles_spooled_total") == 5
+        # A batch resent after a lost ack, with one new profile in it.
+        sender.send_many([profile_body(4), profile_body(5)])
+        assert wait_until(lambda: sender.poll() >= 0 and sender.pending() == 0, 10)
+        assert sh.metric("profiles_spooled_total") == 6
+        assert sh.metric("profiles_duplicate_total") == 1
+        assert len(os.listdir(tmp_path / "cache" / "spool")) == 6
+
+
+def test_a_bad_profile_in_a_batch_is_left_out_and_the_rest_spooled(tmp_path):
+    with ShipperThread(tmp_path, "127.0.0.1:1", env=ENV) as sh:
+        sender = sh.sender()
+        bad = dict(profile_body(2), labels={"pod": 7})  # a label value that is not a string
+        sender.send_many([profile_body(1), bad, profile_body(3)])
+        assert wait_until(lambda: sender.poll() >= 0 and sender.pending() == 0, 10)
+        assert sh.metric("profiles_spooled_total") == 2
+        assert sh.metric("messages_malformed_total", reason="bad_profile") == 1
+        assert len(os.listdir(tmp_path / "cache" / "spool")) == 2
+
+
+def test_the_memory_bound_drops_whole_batches_and_counts_their_profiles(tmp_path):
+    one = sum(len(f) for f in wire.Publisher("a").encode(
+        "profiles", {"id": "x" * 32, "profiles": [profile_body(0), profile_body(1)]}))
+    sender = ProfileSender(str(tmp_path), max_bytes=2 * one + one // 2, resend_after=0.1)
+    try:
+        for n in range(0, 8, 2):
+            sender.send_many([profile_body(n), profile_body(n + 1)])
+        assert sender.pending() == 4 and sender.dropped == 4
+        assert sender.metrics.get("profiles_dropped_total", reason="queue_full") == 4
+        inbox = ProfileInbox(str(tmp_path), runtime.Metrics("test"))
+        try:
+            seen: list = []
+            wait_until(lambda: sender.poll() >= 0 and _collect(inbox, seen) >= 4, 10)
+            assert {r.message.body["id"] for r in seen} == {f"profile-{n}" for n in (4, 5, 6, 7)}
+        finally:
+            inbox.close()
+    finally:
+        sender.close()

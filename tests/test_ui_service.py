@@ -183,11 +183,20 @@ def test_malformed_messages_are_counted_and_do_not_stop_the_ui(ui):
     bad = wire.Publisher("aggregator").encode("profile", {
         "id": "bad", "labels": {"pid": 5}, "start_ns": 0, "end_ns": 1, "pprof": b"", "samples": 0})
     pipeline.send_raw("aggregator", bad)
+    batcher = wire.Publisher("fuzz")
+    pipeline.send_raw("aggregator", batcher.encode("profiles", {"id": "b", "profiles": 7}))
+    good = {"id": "ok", "labels": {"pid": "4242"}, "start_ns": 0, "end_ns": 1,
+            "pprof": b"\x1f\x8b", "samples": 1}
+    # A batch with a bad entry: the entry is counted, the good one beside it still taken.
+    pipeline.send_raw("aggregator", batcher.encode("profiles", {"id": "b2", "profiles": [
+        {"id": "no-labels"}, "not a map", good]}))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         text = ui.get("/metrics")[2].decode()
         if all(r in text for r in ('reason="bad_header"', 'reason="frame_count"',
-                                   'reason="bad_profile"')):
+                                   'reason="bad_profile"', 'reason="bad_profiles"')) and any(
+                t["labels"].get("pid") == "4242"
+                for t in json.loads(ui.get("/api/targets")[2])["targets"]):
             break
         time.sleep(0.3)
     else:

@@ -1,5 +1,6 @@
 """The aggregator's loop: the raw stream and discovery's targets in, one pprof profile per
-target and window out, to the shipper (acknowledged, never dropped) and the UI (PUB)."""
+target and window out, to the shipper (acknowledged, never dropped) and the UI (PUB), a window's
+profiles batched into as few messages as the batch bounds allow."""
 
 from __future__ import annotations
 
@@ -66,16 +67,14 @@ class Aggregator:
                 self._drain(self.targets)
             if self.inputs in ready:
                 self._drain(self.inputs, limit=200)
-            for profile in self.windows.close_due():
-                self._publish(profile)
+            self._publish(self.windows.close_due())
             self.shipper.poll()
             if self.heartbeat.due():
                 self.metrics.set("windows_open", len(self.windows.windows))
                 self.metrics.set("processes_known", len(self.windows.processes))
                 self.heartbeat.send(self.pub)
         # Windows still open hold samples already taken: build them rather than lose them.
-        for profile in self.windows.close_due(force=True):
-            self._publish(profile)
+        self._publish(self.windows.close_due(force=True))
         deadline = time.monotonic() + 1.0  # within supervisord's stop wait
         while self.shipper.pending() and time.monotonic() < deadline:
             self.shipper.poll()
@@ -106,11 +105,13 @@ class Aggregator:
                 self.bad_log.warning(f"bad_{msg.type}", f"dropped a bad {msg.type} message: "
                                      f"{type(e).__name__}")
 
-    def _publish(self, profile: dict) -> None:
-        self.shipper.send(profile)
-        runtime.send_nowait(self.pub, self.publisher.encode("profile", profile), self.metrics,
-                            "aggregator")
-        log.debug("profile %s: %d samples", profile["labels"], profile["samples"])
+    def _publish(self, profiles: list[dict]) -> None:
+        """To the shipper (kept until acknowledged) and the UI, in batches: the same frames."""
+        if not profiles:
+            return
+        for frames in self.shipper.send_many(profiles):
+            runtime.send_nowait(self.pub, frames, self.metrics, "aggregator")
+        log.debug("%d profiles, %d samples", len(profiles), sum(p["samples"] for p in profiles))
 
     def close(self) -> None:
         self.shipper.close()

@@ -2,8 +2,8 @@
 
 Two threads, so that a slow or unreachable store never delays an acknowledgement:
 
-- the main thread reads the profile channel, writes each profile to the spool and acks it, and
-  publishes the heartbeat;
+- the main thread reads the profile channel, writes each profile to the spool and acks it (a
+  batch once all of its profiles are spooled), and publishes the heartbeat;
 - the sending thread, every ``interval``, sends the spooled profiles in batches, oldest first,
   and removes them from the spool once the store took them. A retryable failure waits with
   exponential backoff and jitter and tries the same batch again; a permanent one (the store will
@@ -23,7 +23,7 @@ import threading
 import zmq
 
 from services import runtime, wire
-from services.profile_channel import ProfileInbox, ReceivedProfile
+from services.profile_channel import Delivery, ProfileInbox
 from services.settings import Settings
 from services.shipper.debuginfo import DebuginfoUploader
 from services.shipper.spool import Spool, SpoolEntry, SpoolError
@@ -119,25 +119,27 @@ class Shipper:
             runtime.unlink_endpoint(wire.endpoint(self.settings.run_dir,
                                                   wire.ENDPOINT_SHIPPER_PUB))
 
-    def _take(self, inbox: ProfileInbox, received: ReceivedProfile) -> None:
-        """Spool one profile and acknowledge it; without a store, acknowledge and discard."""
-        body = received.message.body
-        self.metrics.inc("profiles_received_total")
+    def _take(self, inbox: ProfileInbox, delivery: Delivery) -> None:
+        """Spool a message's profiles and acknowledge it; without a store, acknowledge and
+        discard. Not acknowledged when one cannot be spooled: the aggregator resends it all,
+        and what was spooled already is recognized by id."""
+        count = len(delivery.profiles)
+        self.metrics.inc("profiles_received_total", count)
         if self.spool is None:
-            self.metrics.inc("profiles_discarded_total")
-            inbox.ack(received.peer, body["id"])
+            self.metrics.inc("profiles_discarded_total", count)
+            inbox.ack(delivery.peer, delivery.ack_id)
             return
-        try:
-            outcome = self.spool.add(body["id"], received.frames)
-        except SpoolError as e:
-            # Not acknowledged: the aggregator keeps it and resends after its timeout.
-            self._warn.warning("spool_write", f"cannot spool a profile: {e}")
-            return
-        if outcome == "duplicate":
-            self.metrics.inc("profiles_duplicate_total")
-        else:
-            self._work.set()
-        inbox.ack(received.peer, body["id"])
+        for received in delivery.profiles:
+            try:
+                outcome = self.spool.add(received.message.body["id"], received.frames)
+            except SpoolError as e:
+                self._warn.warning("spool_write", f"cannot spool a profile: {e}")
+                return
+            if outcome == "duplicate":
+                self.metrics.inc("profiles_duplicate_total")
+            else:
+                self._work.set()
+        inbox.ack(delivery.peer, delivery.ack_id)
 
     def _shut_down(self, sender: threading.Thread | None) -> None:
         if self.connection is not None:

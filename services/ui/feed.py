@@ -87,8 +87,17 @@ class Feed:
         self.health.record("ui", os.getpid(), self.heartbeat.started, self.metrics.snapshot())
 
     def handle(self, msg: wire.Message) -> None:
-        if msg.type == "profile":
-            self._profile(msg)
+        if msg.type == "profiles":
+            if not isinstance(msg.body["profiles"], list):
+                return self._malformed("bad_profiles", "profiles is not a list")
+            for body in msg.body["profiles"]:
+                if not isinstance(body, dict) or not all(
+                        k in body for k in wire.MESSAGE_FIELDS["profile"]):
+                    self._malformed("bad_profile", "a profile of a batch lacks a key")
+                    continue
+                self._profile(body)
+        elif msg.type == "profile":
+            self._profile(msg.body)
         elif msg.type == "heartbeat":
             self._heartbeat(msg)
 
@@ -96,8 +105,7 @@ class Feed:
         self.metrics.inc("messages_malformed_total", reason=reason)
         self.bad_log.warning(reason, f"dropped a {reason.split('_')[-1]} message: {detail}")
 
-    def _profile(self, msg: wire.Message) -> None:
-        b = msg.body
+    def _profile(self, b: dict) -> None:
         labels = b["labels"]
         if (not isinstance(labels, dict) or len(labels) > MAX_LABELS
                 or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_LABEL_CHARS

@@ -127,13 +127,16 @@ class FakePipeline:
         while not self._stop.is_set():
             now = time.time_ns()
             with self._lock:
+                # As the aggregator does: a window's profiles in one `profiles` message.
+                bodies = []
                 for labels, pprof in self.targets.values():
-                    body = {"id": f"p{self.sent}", "labels": labels,
-                            "start_ns": now - 10_000_000_000, "end_ns": now, "pprof": pprof,
-                            "samples": 100}
-                    self.sockets["aggregator"].send_multipart(
-                        self.publishers["aggregator"].encode("profile", body))
+                    bodies.append({"id": f"p{self.sent}", "labels": labels,
+                                   "start_ns": now - 10_000_000_000, "end_ns": now,
+                                   "pprof": pprof, "samples": 100})
                     self.sent += 1
+                if bodies:
+                    self.sockets["aggregator"].send_multipart(self.publishers["aggregator"].encode(
+                        "profiles", {"id": f"b{self.sent}", "profiles": bodies}))
                 self.samples_total += 100
                 for service, sock in self.sockets.items():
                     body = {"service": service, "pid": 1000 + len(service), "started": 1.0,
