@@ -230,6 +230,10 @@ def test_out_of_range_process_and_target_numbers_raise_value_error():
                                              "path": "/bin/x"}])
     with pytest.raises(ValueError):
         agg.add_process(bad_process)
+    exe = {"start": 0x1000, "limit": 0x2000, "offset": 0, "path": "/bin/x"}
+    for bad in (dict(exe, start=-1), dict(exe, limit=1 << 64), dict(exe, offset=-4096)):
+        with pytest.raises(ValueError):  # kept tables would fail every later profile
+            agg.add_process(dict(process(7), mappings=[bad]))
     with pytest.raises(ValueError):
         agg.apply_targets({"filtering": True, "targets": [
             {"labels": {"a": "b"}, "cgroup_ids": [float("inf")], "pids": []}]})
@@ -468,6 +472,9 @@ def test_a_reused_pid_is_named_from_its_new_files_not_the_kept_state():
     assert _named_samples(first) == [(["/bin/old:1100"], 1)]
     assert _named_samples(second) == [(["/bin/new:1100"], 1)]
     assert symbolizer.asked == ["/bin/old", "/bin/new"]
+    # Started afresh: the old program's mapping is not in the new one's profile.
+    strings = decode(second).string_table
+    assert [strings[m.filename] for m in decode(second).mapping] == ["/bin/new"]
 
 
 def test_kept_states_are_dropped_when_idle_and_renewed_in_time(monkeypatch):
@@ -489,9 +496,50 @@ def test_kept_states_are_dropped_when_idle_and_renewed_in_time(monkeypatch):
         # Window 2 (i=1) carries window 1's address too; window 3 starts afresh.
         assert addresses == ([0x1100, 0x1200] if i == 1 else [0x1200]), i
     for i in range(3, 3 + windows.STATE_IDLE_WINDOWS):
+        # pid 8 was last seen in window 0: kept until STATE_IDLE_WINDOWS windows without it closed.
+        assert (("process", 8) in agg.states) == (i <= windows.STATE_IDLE_WINDOWS), i
         agg.add_samples(batch(BASE + i * 10 * SECOND, [[7, 7, 1, 0, -1, 1]], stacks))
         agg.close_due(BASE + (i + 2) * 10 * SECOND)
     assert set(agg.states) == {("process", 7)}
+    assert agg.kept_locations == agg.states[("process", 7)].builder.location_count
+
+
+def test_kept_locations_are_bounded_least_recently_used_first(monkeypatch):
+    from services.aggregator import windows
+    monkeypatch.setattr(windows, "MAX_KEPT_LOCATIONS", 5)
+    agg = make()
+    # Three targets of two locations each, built in the order 7, 8, 9.
+    agg.add_samples(batch(BASE, [[pid, pid, 1, 0, -1, 1] for pid in (7, 8, 9)],
+                          [[0x1100, 0x1200]]))
+    assert len(agg.close_due(BASE + 20 * SECOND)) == 3
+    assert list(agg.states) == [("process", 8), ("process", 9)]
+    assert agg.kept_locations == 4
+
+
+def test_a_failed_build_starts_the_target_afresh(monkeypatch):
+    """Whatever made a build fail may sit in the kept tables: the state is dropped, so the
+    next window builds again instead of failing for the state's whole life."""
+    agg = make()
+    # An address in the kernel's top page: the mapping's end must stay within uint64.
+    agg.add_samples(batch(BASE, [[7, 7, 1, -1, 0, 1]], [[0xFFFFFFFFFFFFFFF0]]))
+    (top,) = agg.close_due(BASE + 20 * SECOND)
+    assert decode(top).mapping[0].memory_limit == (1 << 64) - 1
+    from services.aggregator import profile_builder
+    real = profile_builder.ProfileBuilder.build
+    calls = []
+
+    def fail_once(self):
+        calls.append(self)
+        if len(calls) == 1:
+            raise ValueError("boom")
+        return real(self)
+    monkeypatch.setattr(profile_builder.ProfileBuilder, "build", fail_once)
+    agg.add_samples(batch(BASE + 10 * SECOND, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
+    assert agg.close_due(BASE + 30 * SECOND) == []
+    assert ("process", 7) not in agg.states
+    agg.add_samples(batch(BASE + 20 * SECOND, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
+    assert len(agg.close_due(BASE + 40 * SECOND)) == 1
+    assert calls[1] is not calls[0]  # a new builder
 
 
 def test_a_known_leaf_does_not_change_how_a_new_caller_is_looked_up():

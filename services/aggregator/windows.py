@@ -52,6 +52,9 @@ STATE_RENEW_WINDOWS = 30
 STATE_MAX_LOCATIONS = 20_000
 STATE_MAX_LAYOUTS = 64
 MAX_TARGET_STATES = 4096
+# Locations of all kept builders together (a location is ~4 list slots and a dict entry, and
+# its share of the kept encoding): the least recently used builders go past it.
+MAX_KEPT_LOCATIONS = 1_000_000
 
 
 @dataclass
@@ -94,6 +97,11 @@ class TargetState:
     addresses: dict[int, tuple[tuple, dict[int, int]]] = field(default_factory=dict)
     windows: int = 0
     last_window_ns: int = 0
+    # For a per-process target, the start time of the process it was made for: a reused pid
+    # starts afresh (its old mappings would stay in the profiles, the first read as the main
+    # binary).
+    owner: int | None = None
+    locations: int = 0  # the builder's locations when last counted in kept_locations
 
 
 @dataclass
@@ -133,6 +141,7 @@ class WindowAggregator:
         # One tuple object per distinct layout, so that a layout is told by its id().
         self._layouts: dict[tuple, tuple] = {}
         self.states: OrderedDict[tuple, TargetState] = OrderedDict()
+        self.kept_locations = 0  # the sum of the states' locations
         self.kernel_names: OrderedDict[int, str] = OrderedDict()
         self.by_cgroup: dict[int, tuple[tuple, dict]] = {}
         self.by_pid: dict[int, tuple[tuple, dict]] = {}
@@ -169,8 +178,10 @@ class WindowAggregator:
             return
         mappings, cache_paths = [], []
         for m in sorted(body["mappings"], key=lambda m: int(m["start"])):
-            mappings.append(MappingInfo(int(m["start"]), int(m["limit"]), int(m["offset"]),
-                                        str(m["path"]), str(m.get("build_id", ""))))
+            start, limit, offset = int(m["start"]), int(m["limit"]), int(m["offset"])
+            array("Q", (start, limit, offset))  # OverflowError (a ValueError) outside [0, 2^64)
+            mappings.append(MappingInfo(start, limit, offset, str(m["path"]),
+                                        str(m.get("build_id", ""))))
             cache_paths.append(str(m.get("cache_path", "")))
         pid = int(body["pid"])
         layout = tuple(zip(mappings, cache_paths))
@@ -183,7 +194,7 @@ class WindowAggregator:
             layout=layout, source=source)
         if len(self.processes) > MAX_PROCESSES:
             self._forget_processes()
-        if len(self._layouts) > 2 * MAX_PROCESSES:  # replaced ones: keep those still in use
+        if len(self._layouts) > 2 * len(self.processes) + 1024:  # keep those still in use
             self._layouts = {m.layout: m.layout for m in self.processes.values()}
 
     def add_samples(self, body: dict) -> None:
@@ -304,6 +315,9 @@ class WindowAggregator:
                 except Exception:  # noqa: BLE001 — one bad target must not cost the others
                     self._count("profile_build_failures_total")
                     log.exception("could not build the profile of %s", target.key)
+                    # Whatever made it fail may be in the kept tables: the next window starts
+                    # afresh rather than fail again.
+                    self._drop_state(target.key)
                     continue
                 finally:
                     target.stacks = []
@@ -313,22 +327,39 @@ class WindowAggregator:
             self._count("windows_closed_total")
         return profiles
 
-    def _state(self, target: Target, window: Window) -> TargetState:
+    def _state(self, target: Target, window: Window, owner: int | None) -> TargetState:
         state = self.states.get(target.key)
-        if state is None or state.windows >= STATE_RENEW_WINDOWS or (
+        if state is None or state.windows >= STATE_RENEW_WINDOWS or state.owner != owner or (
                 state.builder.location_count > STATE_MAX_LOCATIONS
                 or len(state.addresses) > STATE_MAX_LAYOUTS):
+            self._drop_state(target.key)
             period_ns = int(1e9 / self.frequency)
             state = self.states[target.key] = TargetState(ProfileBuilder(
-                period_ns, window.start_ns, window.end_ns - window.start_ns))
-            while len(self.states) > MAX_TARGET_STATES:
-                self.states.popitem(last=False)
+                period_ns, window.start_ns, window.end_ns - window.start_ns), owner=owner)
+            self._bound_states()
         else:
             state.builder.new_window(window.start_ns, window.end_ns - window.start_ns)
         self.states.move_to_end(target.key)
         state.windows += 1
         state.last_window_ns = window.start_ns
         return state
+
+    def _count_locations(self, state: TargetState) -> None:
+        """After a build: the state's locations into kept_locations, and the bounds kept."""
+        count = state.builder.location_count
+        self.kept_locations += count - state.locations
+        state.locations = count
+        self._bound_states()
+
+    def _bound_states(self) -> None:
+        while self.states and (len(self.states) > MAX_TARGET_STATES
+                               or self.kept_locations > MAX_KEPT_LOCATIONS):
+            self._drop_state(next(iter(self.states)))  # the least recently used
+
+    def _drop_state(self, key: tuple) -> None:
+        state = self.states.pop(key, None)
+        if state is not None:
+            self.kept_locations -= state.locations
 
     def _forget_states(self, window_start_ns: int) -> None:
         """Drop the states of targets without a sample in the last STATE_IDLE_WINDOWS windows
@@ -339,7 +370,10 @@ class WindowAggregator:
             key, state = next(iter(states.items()))
             if state.last_window_ns > cutoff:
                 break
-            del states[key]
+            self._drop_state(key)
+        if self.metrics:
+            self.metrics.set("target_states", len(states))
+            self.metrics.set("target_state_locations", self.kept_locations)
 
     def _finish(self, window: Window, target: Target) -> dict | None:
         if target.labels is None:
@@ -353,7 +387,11 @@ class WindowAggregator:
 
     def build_profile(self, window: Window, target: Target) -> dict:
         started = time.perf_counter()
-        state = self._state(target, window)
+        owner = None
+        if target.per_process:
+            meta = self.processes.get(target.key[1])
+            owner = meta.start_time if meta is not None else None
+        state = self._state(target, window, owner)
         builder = state.builder
         stacks = window.stack_list()
         # The target's samples as columns, in the order they came (the profile's order).
@@ -388,8 +426,8 @@ class WindowAggregator:
                 new = dict(zip(addresses, builder.user_locations(
                     addresses, map(mappings.get, addresses), map(frames.get, addresses))))
                 for address, lid in new.items():
-                    mapping = mappings.get(address)
-                    if (frames.get(address) is not None or mapping is None
+                    mapping, frame = mappings.get(address), frames.get(address)
+                    if ((frame is not None and frame.function is not None) or mapping is None
                             or not mapping.path.startswith("/")):
                         known[address] = lid  # settled: no later window can name it better
                 new.update(known)
@@ -407,6 +445,7 @@ class WindowAggregator:
                          [count for _, count in target.stacks], names, values)
         profile = {"id": uuid.uuid4().hex, "labels": target.labels, "start_ns": window.start_ns,
                    "end_ns": window.end_ns, "pprof": builder.build(), "samples": target.samples}
+        self._count_locations(state)
         self._count("profiles_built_total")
         if self.metrics:
             self.metrics.set("profile_build_seconds", time.perf_counter() - started)
