@@ -34,12 +34,14 @@ from services import runtime, wire
 log = logging.getLogger("parca_agent.profile_channel")
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # a few hundred windows of busy targets
-DEFAULT_RESEND_AFTER = 5.0  # seconds; well above the time a shipper needs to fsync a profile
+# Seconds; well above the time a shipper needs to spool a batch (two fsyncs a profile: a full
+# batch on a slow disk may take longer, and its resend then costs a duplicate, not a profile).
+DEFAULT_RESEND_AFTER = 5.0
 # A profile id is an opaque string; longer ones are refused so that ids stay cheap to remember.
 MAX_ID_LENGTH = 256
 # A batch: at most this many profiles, and this many bytes of pprof (a larger profile goes alone),
 # far below a receiver's frame limit (wire.MAX_FRAME_BYTES).
-BATCH_MAX_PROFILES = 1000
+BATCH_MAX_PROFILES = 256
 BATCH_MAX_BYTES = 4 * 1024 * 1024
 
 
@@ -121,6 +123,9 @@ class ProfileSender:
 
     def _queue(self, message_id: str, frames: list[bytes], count: int) -> None:
         size = sum(len(f) for f in frames)
+        if size > self.max_bytes:  # would never fit: the queue keeps what it has
+            self._count_drop(count)
+            return
         previous = self._unacked.pop(message_id, None)
         if previous is not None:
             self._forget(previous)
@@ -128,9 +133,6 @@ class ProfileSender:
             _, oldest = self._unacked.popitem(last=False)
             self._forget(oldest)
             self._count_drop(oldest.count)
-        if size > self.max_bytes:
-            self._count_drop(count)
-            return
         entry = _Unacked(frames=frames, size=size, sent_at=0.0, count=count)
         self._unacked[message_id] = entry
         self._bytes += size
@@ -196,7 +198,7 @@ class ProfileSender:
             if now - entry.sent_at >= self.resend_after:
                 if not self._transmit(entry):
                     break  # no shipper or a full pipe: the rest would fail too
-                self.metrics.inc("profiles_resent_total")
+                self.metrics.inc("profiles_resent_total", entry.count)
 
     def _transmit(self, entry: _Unacked) -> bool:
         try:

@@ -195,3 +195,28 @@ def test_the_memory_bound_drops_whole_batches_and_counts_their_profiles(tmp_path
             inbox.close()
     finally:
         sender.close()
+
+
+def test_an_unacknowledged_batch_is_resent_whole_under_its_id(tmp_path):
+    metrics = runtime.Metrics("parca_agent_shipper")
+    inbox = ProfileInbox(str(tmp_path), metrics)
+    sender = ProfileSender(str(tmp_path), resend_after=0.2)
+    try:
+        sender.send_many([profile_body(1), profile_body(2)])
+        deliveries = []
+
+        def take() -> int:
+            sender.poll()
+            while (d := inbox.receive()) is not None:
+                deliveries.append(d)
+            return len(deliveries)
+        assert wait_until(lambda: take() >= 2, 10)  # the first delivery and a resend
+        assert len({d.ack_id for d in deliveries}) == 1
+        assert all([r.message.body["id"] for r in d.profiles] == ["profile-1", "profile-2"]
+                   for d in deliveries)
+        assert sender.metrics.get("profiles_resent_total") >= 2  # counted in profiles
+        inbox.ack(deliveries[0].peer, deliveries[0].ack_id)
+        assert wait_until(lambda: sender.poll() >= 0 and sender.pending() == 0, 5)
+    finally:
+        sender.close()
+        inbox.close()

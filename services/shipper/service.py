@@ -37,7 +37,7 @@ BATCH_MAX_PROFILES = 100
 # Stays under gRPC's default 4 MiB receive limit that a store may keep; a larger profile still
 # goes, alone in its batch.
 BATCH_MAX_BYTES = 3 * 1024 * 1024
-RECEIVE_BURST = 200  # messages handled before the heartbeat and stop flag are checked again
+RECEIVE_BURST = 200  # profiles handled before the heartbeat and stop flag are checked again
 STOP_JOIN_SECONDS = 2.0  # the sending thread's time to finish once its calls are cancelled
 
 
@@ -103,13 +103,13 @@ class Shipper:
         try:
             while not stop.is_set():
                 if poller.poll(runtime.poll_ms(heartbeat.next_due)):
-                    for _ in range(RECEIVE_BURST):
-                        received = inbox.receive()
-                        if received is None:
+                    budget = RECEIVE_BURST  # counted in profiles: a message may hold hundreds
+                    while budget > 0 and not stop.is_set():
+                        delivery = inbox.receive()
+                        if delivery is None:
                             break
-                        self._take(inbox, received)
-                        if stop.is_set():
-                            break
+                        self._take(inbox, delivery)
+                        budget -= max(1, len(delivery.profiles))
                 if heartbeat.due():
                     heartbeat.send(pub)
         finally:
