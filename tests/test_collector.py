@@ -500,3 +500,38 @@ def test_an_unreadable_process_is_marked_known_and_retried_later(tmp_path, monke
     finally:
         monkeypatch.undo()
         collector.close()
+
+
+def test_a_stack_checked_once_is_skipped_until_the_maps_change(tmp_path, monkeypatch):
+    """observe_stacks: an unwound stack (stable id) whose addresses were all found inside the
+    mappings is not gathered again for that process; one with an address outside them is,
+    and a new process under the pid starts with none checked."""
+    _fake_process(tmp_path, 9, 100, [(0x1000, 0x2000)])
+    table = ProcessTable(str(tmp_path), BuildIdCache(), None)
+    reads = _counting_maps_reads(monkeypatch)
+    assert table.observe_stacks(9, [(1, [0x1100])], now=0.0) is not None
+    assert table.observe_stacks(9, [(1, [0x1100]), (None, [0x1200])], now=2.0) is None
+    assert table.processes[9].checked_stacks == {1}
+    seen = []
+    real = table.observe
+
+    def observe(pid, addresses, now=None):
+        seen.append(set(addresses))
+        return real(pid, addresses, now)
+    monkeypatch.setattr(table, "observe", observe)
+    # Stack 1 is skipped; stack 2 has an address outside: read (unchanged), not marked
+    # inside, but known outside now, so marked checked after it.
+    assert table.observe_stacks(9, [(1, [0x1100]), (2, [0x9000, 0x1300])], now=4.0) is None
+    assert seen == [{0x9000, 0x1300}] and reads == [9, 9]
+    assert table.processes[9].checked_stacks == {1, 2}
+    assert table.observe_stacks(9, [(1, [0x1100]), (2, [0x9000, 0x1300])], now=6.0) is None
+    assert len(seen) == 1 and reads == [9, 9]  # nothing to check: only marked as seen
+    assert table.processes[9].last_seen == 6.0
+    # dlopen: a new stack with an address in a new mapping is still found.
+    _fake_process(tmp_path, 9, 100, [(0x1000, 0x2000), (0xa000, 0xb000)])
+    body = table.observe_stacks(9, [(1, [0x1100]), (3, [0xa100])], now=8.0)
+    assert [m["start"] for m in body["mappings"]] == [0x1000, 0xa000]
+    # A new ProcessInfo checks afresh: nothing skipped until its next drain has checked.
+    assert table.processes[9].checked_stacks == set()
+    assert table.observe_stacks(9, [(1, [0x1100]), (3, [0xa100])], now=10.0) is None
+    assert seen[-1] == {0x1100, 0xa100} and table.processes[9].checked_stacks == {1, 3}

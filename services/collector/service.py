@@ -15,7 +15,7 @@ import zmq
 from services import runtime, wire
 from services.collector import proc
 from services.collector.binary_cache import BinaryCache
-from services.collector.bpf_program import PROBLEM_NAMES, CpuSampler
+from services.collector.bpf_program import PROBLEM_NAMES, UNWOUND_STACK_BASE, CpuSampler
 from services.collector.build_id import BuildIdCache
 from services.collector.kernel_symbols import KernelSymbols
 from services.collector.processes import ProcessTable
@@ -260,6 +260,9 @@ class Collector:
         now_ns = time.time_ns()
         take_stack = self.sampler.take_stack
         stacks: list[list[int]] = []
+        # Each stack's id when it is stable across drains (an unwound stack's content hash),
+        # else None (the kernel's stack map reuses ids): what ProcessTable remembers as checked.
+        stable_ids: list[int | None] = []
         index_of: dict[int, int] = {}  # stack id -> index in stacks, -1 when it was lost
         kernel_indexes: set[int] = set()
         records = []
@@ -279,6 +282,7 @@ class Collector:
                 else:
                     i = len(stacks)
                     stacks.append(addresses)
+                    stable_ids.append(stack_id if stack_id >= UNWOUND_STACK_BASE else None)
                 index_of[stack_id] = i
             return i
 
@@ -308,12 +312,9 @@ class Collector:
         # Most new processes were read on a tick already (new_pids); this catches the rest
         # (remaps, pid reuse, a full new_pids map) and the ones announced since the last tick.
         self._read_new_processes()
-        observe = self.processes.observe
+        observe = self.processes.observe_stacks
         for pid, indexes in user_stacks.items():
-            addresses: set[int] = set()
-            for i in indexes:
-                addresses.update(stacks[i])
-            body = observe(pid, addresses)
+            body = observe(pid, [(stable_ids[i], stacks[i]) for i in indexes])
             if body is not None:
                 self._publish_process(body, samples.get(pid, 1))
         self._announce_if_joined(time.monotonic())
