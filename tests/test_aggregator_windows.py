@@ -431,18 +431,28 @@ class LateSymbolizer(Symbolizer):
         return [Frame(f"fn_{a:x}") if self.ready else None for a in addresses]
 
 
+def _one_stack_in_two_windows(symbolizer, path, between):
+    """pid 7, mapping `path`, sampled at 0x1100 in two windows; between(agg, exe) runs
+    between them. The two profiles."""
+    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
+    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": path, "build_id": ""}
+    agg.add_process(dict(process(7), mappings=[exe]))
+    profiles = []
+    for i in range(2):
+        if i:
+            between(agg, exe)
+        agg.add_samples(batch(BASE + i * 10 * SECOND, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
+        (profile,) = agg.close_due(BASE + (i + 2) * 10 * SECOND)
+        profiles.append(profile)
+    return profiles
+
+
 def test_an_address_named_in_a_later_window_is_named_in_its_profile():
     """A file unreadable in one window (not yet in the binary cache) and readable in the next:
     the target's kept state must not hold on to the nameless frame."""
     symbolizer = LateSymbolizer()
-    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
-    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": "/bin/work", "build_id": ""}
-    agg.add_process(dict(process(7), mappings=[exe]))
-    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
-    (first,) = agg.close_due(BASE + 20 * SECOND)
-    symbolizer.ready = True
-    agg.add_samples(batch(BASE + 10 * SECOND, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
-    (second,) = agg.close_due(BASE + 30 * SECOND)
+    first, second = _one_stack_in_two_windows(
+        symbolizer, "/bin/work", lambda agg, exe: setattr(symbolizer, "ready", True))
     assert _named_samples(first) == [(["0x1100"], 1)]
     assert _named_samples(second) == [(["fn_1100"], 1)]
 
@@ -461,14 +471,9 @@ def test_a_reused_pid_is_named_from_its_new_files_not_the_kept_state():
     """Same pid, same target key, same addresses, another program: its frames come from its
     own mappings, not from what the target's kept state learned of the old process."""
     symbolizer = PathSymbolizer()
-    agg = WindowAggregator("node-a", 10, 100, symbolizer, clock=lambda: BASE)
-    exe = {"start": 0x1000, "limit": 0x5000, "offset": 0, "path": "/bin/old", "build_id": ""}
-    agg.add_process(dict(process(7), mappings=[exe]))
-    agg.add_samples(batch(BASE, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
-    (first,) = agg.close_due(BASE + 20 * SECOND)
-    agg.add_process(dict(process(7), start_time=2, mappings=[dict(exe, path="/bin/new")]))
-    agg.add_samples(batch(BASE + 10 * SECOND, [[7, 7, 1, 0, -1, 1]], [[0x1100]]))
-    (second,) = agg.close_due(BASE + 30 * SECOND)
+    first, second = _one_stack_in_two_windows(
+        symbolizer, "/bin/old", lambda agg, exe: agg.add_process(
+            dict(process(7), start_time=2, mappings=[dict(exe, path="/bin/new")])))
     assert _named_samples(first) == [(["/bin/old:1100"], 1)]
     assert _named_samples(second) == [(["/bin/new:1100"], 1)]
     assert symbolizer.asked == ["/bin/old", "/bin/new"]
