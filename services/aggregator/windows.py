@@ -430,9 +430,9 @@ class WindowAggregator:
                     if ((frame is not None and frame.function is not None) or mapping is None
                             or not mapping.path.startswith("/")):
                         known[address] = lid  # settled: no later window can name it better
-                new.update(known)
-                get = new.__getitem__
-                ids = [i if None not in i else tuple(map(get, stack))
+                # Only the gaps of the partial tuples are filled (no copy of every known one).
+                ids = [i if None not in i else
+                       tuple(new[a] if lid is None else lid for lid, a in zip(i, stack))
                        for stack, i in zip(group_stacks, ids)]
             user_ids.update(zip(zip(repeat(group), uids), ids))
         # A thread's samples are told apart by tid, and in a target of many processes by pid.
