@@ -135,7 +135,8 @@ class Collector:
                 if self._newcomers:
                     next_tick = min(next_tick, max(now, self._announced + ANNOUNCE_EVERY))
             if signal.fileno() in ready:
-                signal.clear()
+                # Not cleared here: the tick (or drain) that reads new_pids clears it first,
+                # and until then the fd is not polled, or the tick is now.
                 next_tick = min(next_tick, max(now, last_tick + NEW_PROCESS_GAP))
                 if next_tick > now:
                     poller.unregister(signal.fileno())
