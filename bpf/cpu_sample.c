@@ -211,8 +211,9 @@ BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_state, 1);
 // repeat the same return addresses, and its hot loops the same few pcs, found here in one
 // lookup. Measured on this VM (docs/unwinding.md): ~20 -> ~15 us a sample.
 // Direct-mapped and per CPU: the lookup is an array access (inlined by the verifier on recent
-// kernels, 6.18 here; a hash map's is a helper call and a hash), nothing is shared between CPUs (no torn or reused entries), and a collision
-// just replaces the entry. Table ids start at 1, so an empty entry matches nothing.
+// kernels, 6.18 here; a hash map's is a helper call and a hash), nothing is shared between
+// CPUs (no torn or reused entries), and a collision just replaces the entry. Table ids start
+// at 1, so an empty entry matches nothing.
 struct row_cache_entry {
     u32 table_id;
     u32 vaddr;
