@@ -158,7 +158,8 @@ def test_a_batch_is_spooled_per_profile_and_acknowledged_as_one(tmp_path, monkey
         assert wait_until(lambda: sender.poll() >= 0 and sender.pending() == 0, 10)
         assert sh.metric("messages_received_total", type="profiles") == 3
         assert sh.metric("profiles_spooled_total") == 5
-        # A batch resent after a lost ack, with one new profile in it.
+        # A later batch holding a profile the spool has (as after a lost ack) and a new one. The
+        # same batch resent under its own id: test_an_unacknowledged_batch_is_resent_whole_...
         sender.send_many([profile_body(4), profile_body(5)])
         assert wait_until(lambda: sender.poll() >= 0 and sender.pending() == 0, 10)
         assert sh.metric("profiles_spooled_total") == 6
