@@ -12,7 +12,13 @@ import pytest
 
 import services.proto_gen  # noqa: F401  (puts the generated packages on sys.path)
 from pprof import profile_pb2
-from services.aggregator.profile_builder import Frame, MappingInfo, ProfileBuilder
+from services.aggregator.profile_builder import (
+    STORE_BELOW,
+    Frame,
+    MappingInfo,
+    ProfileBuilder,
+    gzip_bytes,
+)
 from tests.conftest import require_tool
 
 PERIOD = 10_000_000
@@ -269,3 +275,30 @@ def test_a_location_made_without_a_name_is_made_again_once_named():
     location = next(loc for loc in p.location if loc.id == after)
     function = next(f for f in p.function if f.id == location.line[0].function_id)
     assert p.string_table[function.name] == "leaf"
+
+
+def test_small_profiles_are_stored_and_large_ones_deflated_and_go_pprof_reads_both(tmp_path):
+    """A small profile's gzip member holds one stored block (no deflate set-up per profile);
+    from STORE_BELOW bytes on it is deflated. Both are gzip as pprof's reader takes it."""
+    small = example().build()
+    raw = gzip.decompress(small)
+    assert len(raw) < STORE_BELOW and len(small) == len(raw) + 23
+    assert small[10] == 0x01  # BFINAL set, BTYPE 00: a stored block
+    big_builder = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    for i in range(600):
+        frame = (EXE, 0x555555554000 + 16 * i, Frame(f"function_{i}", "/src/app.c", i))
+        big_builder.add_sample([frame, MAIN], [], 1, {"thread": i})
+    big = big_builder.build()
+    assert len(gzip.decompress(big)) >= STORE_BELOW and len(big) < len(gzip.decompress(big)) / 2
+    for name, blob, total in (("small", small, "140ms"), ("big", big, "6s")):
+        path = tmp_path / f"{name}.pb.gz"
+        path.write_bytes(blob)
+        assert f"Total samples = {total}" in pprof("-top", path=path), name
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, STORE_BELOW - 1, STORE_BELOW, 70_000])
+def test_gzip_bytes_round_trips_at_the_bounds(size):
+    data = (os.urandom(size // 2) + bytes(size - size // 2))
+    blob = gzip_bytes(data)
+    assert gzip.decompress(blob) == data
+    assert (blob[10] == 0x01) == (size < STORE_BELOW)
