@@ -394,3 +394,27 @@ def test_the_dwarf_unwind_flag_and_its_environment_variable():
     assert off.dwarf_unwind is False
     assert resolve(build_parser().parse_args(["--dwarf-unwind=false"]), environ={}).dwarf_unwind \
         is False
+
+
+def test_loader_watches_loaded_processes_and_drops_one_that_exited_unreaped(framed_binary):
+    """Exits come from the pidfd watch: a zombie (killed, not yet reaped) still has a stat with
+    its start time, and is dropped all the same; a failed load leaves no watch behind."""
+    maps = RecordingMaps()
+    loader = UnwindLoader(maps)
+    a = subprocess.Popen([str(framed_binary), "wait"])
+    try:
+        time.sleep(0.2)
+        assert loader.load(a.pid) and loader.exits.watched(a.pid)
+        assert loader.prune() == 0 and a.pid in maps.processes
+        a.kill()  # a zombie until a.wait()
+        deadline = time.monotonic() + 5
+        while not loader.exits.exited() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loader.prune() == 1 and a.pid not in maps.processes
+        assert not loader.exits.watched(a.pid) and len(loader.exits) == 0
+        assert loader.resident == {} and loader.rows.available == loader.rows.capacity
+    finally:
+        a.kill()
+        a.wait()
+    assert not loader.load(a.pid) and len(loader.exits) == 0
+    loader.stop()

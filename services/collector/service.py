@@ -15,8 +15,14 @@ import zmq
 from services import runtime, wire
 from services.collector import proc
 from services.collector.binary_cache import BinaryCache
-from services.collector.bpf_program import PROBLEM_NAMES, UNWOUND_STACK_BASE, CpuSampler
+from services.collector.bpf_program import (
+    PROBLEM_NAMES,
+    UNWIND_PROCESSES_MAX,
+    UNWOUND_STACK_BASE,
+    CpuSampler,
+)
 from services.collector.build_id import BuildIdCache
+from services.collector.exit_watch import raise_fd_limit
 from services.collector.kernel_symbols import KernelSymbols
 from services.collector.processes import ProcessTable
 from services.collector.unwind.loader import UnwindLoader
@@ -92,6 +98,9 @@ class Collector:
         # .eh_frame unwinding: tables load in a background thread as processes appear.
         self.unwinder = None
         if getattr(sampler, "unwinding", False):
+            # A pidfd per process with tables (UnwindLoader's exit watch), beside the maps,
+            # perf events and sockets: supervisord's default of 1,024 would not hold them.
+            raise_fd_limit(UNWIND_PROCESSES_MAX + 1024)
             self.unwinder = UnwindLoader(sampler, settings.proc_path, metrics,
                                          store_dir=os.path.join(settings.cache_dir, "unwind"))
             self.unwinder.start()

@@ -2,9 +2,9 @@
 
 A process gets its tables when it first appears in samples (or maps new files): every
 executable mapping gets the table of its file, built or taken from the cache, placed once in
-the shared row array however many processes map it. When a process exits (checked every
-second) its mappings go, and a file's rows go with its last process. Until a process's tables
-are in place its samples keep the frame-pointer walk.
+the shared row array however many processes map it. When a process exits (a pidfd per process
+tells, checked every few seconds) its mappings go, and a file's rows go with its last process.
+Until a process's tables are in place its samples keep the frame-pointer walk.
 
 Building a table takes up to seconds for a large binary (python3.11: 0.5 s, gcc's cc1: 3 s), so
 the work runs in one background thread; the collector's loop only hands it pids with their
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from services.collector import proc
 from services.collector.build_id import BuildIdCache
+from services.collector.exit_watch import ExitWatch
 from services.collector.unwind.table_store import TableStore
 from services.collector.unwind.tables import (
     DEFAULT_CACHE_BYTES,
@@ -31,9 +32,9 @@ from services.collector.unwind.tables import (
 
 log = logging.getLogger("parca_agent.collector.unwind")
 
-# Seconds between checks for exited processes: each check reads every loaded process's stat
-# and wakes the collector, while a late one only keeps rows a little longer (a reused pid is
-# reloaded as soon as it is sampled, without waiting for this).
+# Seconds between checks for exited processes: a check asks the exit watch (one syscall), and
+# reads the stat of the processes it could not watch; a late one only keeps rows a little
+# longer (a reused pid is reloaded as soon as it is sampled, without waiting for this).
 PRUNE_EVERY = 5.0
 WAITING_MAX = 4096  # pids waiting for tables; beyond, requests are dropped and counted
 
@@ -74,6 +75,8 @@ class UnwindLoader:
         self.resident: dict[str, ResidentTable] = {}
         self._placements = 0  # tables placed so far: the source of table ids
         self.processes: dict[int, LoadedProcess] = {}
+        # pidfds only name processes of this pid namespace, which /proc is.
+        self.exits = ExitWatch() if proc_path == "/proc" else None
         self._waiting: dict[int, int] = {}  # pid -> samples seen while waiting
         self._wake = threading.Condition()
         self._stopping = False
@@ -107,7 +110,12 @@ class UnwindLoader:
                 self._stopping = True
                 self._wake.notify()
             self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                return  # still busy with a table: it keeps what it uses (a daemon thread)
             self._thread = None
+        if self.exits is not None:
+            self.exits.close()
+            self.exits = None
 
     def report(self) -> None:
         """Kernel-side walk counters as metrics: unwind_<name>_total, plus table gauges."""
@@ -157,9 +165,13 @@ class UnwindLoader:
 
     def load(self, pid: int) -> bool:
         """Give pid its tables in BPF; False when it is gone or has nothing to unwind."""
+        # Watched before its stat is read (see ExitWatch.watch). A reload watches again.
+        if self.exits is not None:
+            self.exits.watch(pid)
         st = proc.read_stat(pid, self.proc_path)
         entries = proc.read_maps(pid, self.proc_path)
         if st is None or entries is None or not entries:
+            self._unwatch_failed(pid)
             return False
         started = time.perf_counter()
         mappings, files = [], []
@@ -176,6 +188,7 @@ class UnwindLoader:
         first = self.mapping_slots.allocate(len(mappings))
         if first is None:
             self._release_files(pid, files)
+            self._unwatch_failed(pid)
             self._count("unwind_mapping_slots_full_total")
             return False
         self.sampler.write_unwind_mappings(first, mappings)
@@ -193,23 +206,36 @@ class UnwindLoader:
             self.metrics.set("unwind_last_load_seconds", took)
         return True
 
+    def _unwatch_failed(self, pid: int) -> None:
+        """After a failed load: a process loaded earlier under this pid (maybe another one)
+        is left to prune's stat check, which tells them apart by start time."""
+        if self.exits is not None:
+            self.exits.unwatch(pid)
+
     def drop(self, pid: int) -> None:
         loaded = self.processes.pop(pid, None)
         if loaded is None:
             return
+        if self.exits is not None:
+            self.exits.unwatch(pid)
         self.sampler.drop_unwind_process(pid)
         self.mapping_slots.release(loaded.first_mapping, loaded.mappings)
         self._release_files(pid, loaded.files)
 
     def prune(self) -> int:
         """Drop the processes that exited (or whose pid now names another process)."""
-        gone = []
+        exits = self.exits
+        gone = set(exits.exited()) if exits is not None else set()
         for pid, loaded in self.processes.items():
+            if pid in gone or (exits is not None and exits.watched(pid)):
+                continue
             st = proc.read_stat(pid, self.proc_path)
             if st is None or st.start_time != loaded.start_time:
-                gone.append(pid)
+                gone.add(pid)
         for pid in gone:
             self.drop(pid)
+        if self.metrics is not None and exits is not None:
+            self.metrics.set("unwind_processes_watched", len(exits))
         return len(gone)
 
     def _place(self, pid: int, entry: proc.MapEntry) -> tuple[str, ResidentTable, int] | None:
