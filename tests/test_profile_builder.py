@@ -302,3 +302,35 @@ def test_gzip_bytes_round_trips_at_the_bounds(size):
     blob = gzip_bytes(data)
     assert gzip.decompress(blob) == data
     assert (blob[10] == 0x01) == (size < STORE_BELOW)
+
+
+def test_tables_grown_over_windows_read_back_as_tables_built_at_once():
+    """The kept encoding grows by each window's new locations, functions and strings, and its
+    mappings are encoded again when their flags or the kernel range change: read back, the
+    tables are those of one builder given everything in one window."""
+    frames = [(EXE, 0x555555554100, None), (EXE, 0x555555554300, Frame("late", "/src/b.c", 5)),
+              (LIBC, 0x7F0000000600, Frame("memcpy")), (None, 0x99, None)]
+    kernel = [(0xFFFFFFFF81000100, "do_syscall_64"), (0xFFFFFFFF8100F000, "vfs_read")]
+    kept = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    at_once = ProfileBuilder(PERIOD, TIME, 10_000_000_000)
+    for window, (frame, k) in enumerate(zip(frames, kernel + [None, None])):
+        kept.new_window(TIME + window, 1)
+        user = kept.user_locations([frame[1]], [frame[0]], [frame[2]])
+        ids = tuple(user) + ((kept.kernel_location(*k),) if k else ())
+        kept.add_many(iter([ids]), [1], ("thread",), [(window,)])
+        grown = parse(kept.build())
+        at_once.user_locations([frame[1]], [frame[0]], [frame[2]])
+        if k:
+            at_once.kernel_location(*k)
+        fresh = parse(at_once.build())
+
+        def tables(p):
+            strings = list(p.string_table)
+            return ([(m.memory_start, m.memory_limit, strings[m.filename], m.has_functions)
+                     for m in p.mapping],
+                    sorted((loc.id, loc.mapping_id, loc.address,
+                            tuple((strings[p.function[ln.function_id - 1].name], ln.line)
+                                  for ln in loc.line)) for loc in p.location))
+        assert tables(grown) == tables(fresh), window
+        assert len(grown.string_table) == len(set(grown.string_table))  # none twice
+        assert len(grown.sample) == 1 and grown.time_nanos == TIME + window

@@ -110,9 +110,16 @@ class ProfileBuilder:
         self._batches: list[tuple[list[tuple[int, ...]], list[LabelKey], list[int]]] = []
         self._sample_total = 0
         # The encoded tables, and the table sizes they were encoded at: the tables only grow,
-        # so equal sizes mean equal tables.
+        # so equal sizes mean equal tables. Locations, functions and strings are repeated
+        # fields that only grow, so their encoding grows by the new entries' (_grown, with the
+        # counts encoded so far); the head (sample types, period, mappings, whose flags and
+        # kernel range change in place) is encoded again when it changes.
         self._tables: bytes = b""
         self._tables_version: tuple | None = None
+        self._head = b""
+        self._head_version: tuple | None = None
+        self._grown = b""
+        self._grown_counts = (0, 0, 0)  # locations, functions, strings
 
     def new_window(self, time_ns: int, duration_ns: int) -> None:
         """Drop the samples (not the tables) and start the profile of another window."""
@@ -264,31 +271,45 @@ class ProfileBuilder:
         return (len(self._strings), len(self._location_address), len(self._functions),
                 len(self._mappings), self._kernel_low, self._kernel_high)
 
+    def _mappings_version(self) -> tuple:
+        return (len(self._mappings), self._kernel_low, self._kernel_high,
+                len(self._named_mappings), len(self._files_mappings), len(self._lines_mappings))
+
     def _encoded_tables(self) -> bytes:
         """Everything but the samples and the window's time, encoded; kept while unchanged."""
         if self._version() == self._tables_version:
             return self._tables
-        profile = profile_pb2.Profile()
         string = self._string
-        for kind, unit in (("samples", "count"), ("cpu", "nanoseconds")):
-            profile.sample_type.add(type=string(kind), unit=string(unit))
-        profile.period_type.type = string("cpu")
-        profile.period_type.unit = string("nanoseconds")
-        profile.period = self.period_ns
-        self._add_mappings(profile)
-        add_location = profile.location.add
+        if self._mappings_version() != self._head_version:
+            head = profile_pb2.Profile()
+            for kind, unit in (("samples", "count"), ("cpu", "nanoseconds")):
+                head.sample_type.add(type=string(kind), unit=string(unit))
+            head.period_type.type = string("cpu")
+            head.period_type.unit = string("nanoseconds")
+            head.period = self.period_ns
+            self._add_mappings(head)
+            self._head = head.SerializeToString()
+            self._head_version = self._mappings_version()
+        # After the head: it may have added strings (mapping file names, build ids).
+        locations, functions, strings = self._grown_counts
+        grown = profile_pb2.Profile()
+        add_location = grown.location.add
         for lid, index, address, function_id, line in zip(
-                itertools.count(1), self._location_mapping, self._location_address,
-                self._location_function, self._location_line):
+                itertools.count(locations + 1), self._location_mapping[locations:],
+                self._location_address[locations:], self._location_function[locations:],
+                self._location_line[locations:]):
             location = add_location(id=lid, mapping_id=index, address=address)
             if function_id:  # adding to the new message beats building a Line to copy
                 location.line.add(function_id=function_id, line=line)
-        add_function = profile.function.add
-        for fid, (name, filename) in enumerate(self._functions, 1):
+        add_function = grown.function.add
+        for fid, (name, filename) in enumerate(self._functions[functions:], functions + 1):
             add_function(id=fid, name=name, system_name=name, filename=filename)
-        # Last: every other part has put its strings in the table by now.
-        profile.string_table.extend(self._strings)
-        self._tables = profile.SerializeToString()
+        # The strings in index order after those encoded before: a parser appends them.
+        grown.string_table.extend(itertools.islice(self._strings, strings, None))
+        self._grown += grown.SerializeToString()
+        self._grown_counts = (len(self._location_address), len(self._functions),
+                              len(self._strings))
+        self._tables = self._head + self._grown
         self._tables_version = self._version()
         return self._tables
 
