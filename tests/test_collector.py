@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+import zmq
 
 from services import wire
 from services.collector import proc, processes
@@ -140,7 +141,7 @@ def test_kernel_frames_come_with_names(collector):
 
 
 def test_a_late_subscriber_is_told_every_process_when_it_joins(collector, tmp_path):
-    """The collector repeats process metadata on its own only every minute; a subscriber that
+    """The collector repeats process metadata on its own only every 5 minutes; a subscriber that
     joins (an aggregator restarting, a tap) is told at the next drain, from its XPUB socket.
     Two join in turn: the second is served too, not only the first subscription to a topic."""
     run_dir, _, _ = collector
@@ -156,6 +157,30 @@ def test_a_late_subscriber_is_told_every_process_when_it_joins(collector, tmp_pa
             assert again is not None, "a late subscriber was not told of a running process"
             assert again.body["comm"] == binary.name[:15]
     finally:
+        workload.kill()
+        workload.wait()
+
+
+def test_a_subscriber_that_subscribes_again_is_told_every_process_again(collector, tmp_path):
+    """How a subscriber that lost process messages catches up (the aggregator does it on a gap):
+    the same SUB socket subscribes to `process` once more, and the collector, whose XPUB sees
+    the repeated subscription, sends every process again."""
+    run_dir, _, _ = collector
+    binary = build_chain_workload(tmp_path)
+    sub = Subscriber(run_dir, wire.ENDPOINT_COLLECTOR, [wire.TOPIC_PROCESS])
+    list(sub.messages(3))  # its own join is served (every process known then) before the start
+    workload = subprocess.Popen([str(binary), "0", "100"])
+    try:
+        mine = lambda m: m.body["pid"] == workload.pid  # noqa: E731
+        assert sub.wait_for(mine, 8) is not None, "the workload was never published"
+        # Nothing more for it on its own for minutes: 4 s of quiet show it.
+        assert sub.wait_for(mine, 4) is None, "published again without being asked"
+        sub.sock.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_PROCESS)
+        again = sub.wait_for(mine, 6)
+        assert again is not None, "a repeated subscription did not bring the processes again"
+        assert again.body["comm"] == binary.name[:15]
+    finally:
+        sub.close()
         workload.kill()
         workload.wait()
 

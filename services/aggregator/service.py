@@ -21,6 +21,10 @@ from services.settings import Settings
 log = logging.getLogger("parca_agent.aggregator")
 
 MAX_SLEEP = 1.0  # seconds: the most the loop sleeps, however far the next piece of work is
+# After a gap in the collector's process messages the aggregator subscribes to them again: the
+# collector takes a subscription as a join and tells every process again (within ~2 s). Not
+# more often than this: one catch-up covers every message lost before it.
+CATCH_UP_EVERY = 10.0
 
 
 class Aggregator:
@@ -42,6 +46,7 @@ class Aggregator:
         self.publisher = wire.Publisher("aggregator")
         self.heartbeat = runtime.Heartbeat("aggregator", self.publisher, metrics)
         self.gaps = wire.GapCounter()
+        self._caught_up = -math.inf  # when process metadata was last asked for again
         self.bad_log = runtime.RateLimitedLog(log)
         self.windows = WindowAggregator(settings.node, settings.profiling_duration,
                                         settings.sampling_frequency,
@@ -89,9 +94,12 @@ class Aggregator:
 
     def _drain(self, sock: zmq.Socket, limit: int = 1000) -> None:
         for _ in range(limit):
+            lost = self.gaps.lost
             msg = runtime.receive(sock, self.metrics, self.gaps, self.bad_log)
             if msg is None:
                 return
+            if self.gaps.lost > lost and msg.topic == wire.TOPIC_PROCESS and sock is self.inputs:
+                self._catch_up_processes()
             try:
                 if msg.type == "samples":
                     self.windows.add_samples(msg.body)
@@ -104,6 +112,19 @@ class Aggregator:
                 self.metrics.inc("messages_malformed_total", reason=f"bad_{msg.type}")
                 self.bad_log.warning(f"bad_{msg.type}", f"dropped a bad {msg.type} message: "
                                      f"{type(e).__name__}")
+
+    def _catch_up_processes(self) -> None:
+        """Process messages were lost (the collector publishes one when a process first shows,
+        and repeats it only every few minutes): subscribe to them again, which the collector
+        answers with every process it knows (docs/wire.md, `process`). A SUB socket passes a
+        repeated subscription on, and the collector's XPUB is verbose: it sees each one."""
+        now = time.monotonic()
+        if now - self._caught_up < CATCH_UP_EVERY:
+            return
+        self._caught_up = now
+        self.inputs.setsockopt(zmq.SUBSCRIBE, wire.TOPIC_PROCESS)
+        self.metrics.inc("process_catch_ups_total")
+        log.info("process messages were lost: asked the collector for every process again")
 
     def _publish(self, profiles: list[dict]) -> None:
         """To the shipper (kept until acknowledged) and the UI, in batches: the same frames."""
