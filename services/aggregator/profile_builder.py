@@ -36,6 +36,7 @@ GZIP_LEVEL = 1
 # building a small target's profile, to save a few hundred bytes. Busy hosts send hundreds of
 # such profiles a window (a process with a few samples each).
 STORE_BELOW = 8192
+MAX_KEPT_LABELS = 4096  # label sets whose Label dicts a builder keeps from window to window
 _GZIP_HEADER = bytes((0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 255))  # deflate, no name, mtime 0
 
 
@@ -109,6 +110,7 @@ class ProfileBuilder:
         self._samples: dict[tuple[tuple[int, ...], LabelKey], int] = {}
         self._batches: list[tuple[list[tuple[int, ...]], list[LabelKey], list[int]]] = []
         self._sample_total = 0
+        self._label_messages: dict[LabelKey, list[dict[str, int]]] = {}
         # The encoded tables, and the table sizes they were encoded at: the tables only grow,
         # so equal sizes mean equal tables. Locations, functions and strings are repeated
         # fields that only grow, so their encoding grows by the new entries' (_grown, with the
@@ -249,7 +251,11 @@ class ProfileBuilder:
         profile.time_nanos = self.time_ns
         profile.duration_nanos = self.duration_ns
         period = self.period_ns
-        label_messages: dict[LabelKey, list[dict[str, int]]] = {}
+        # Kept across windows with the string table they index (a target's threads come back
+        # window after window); emptied past a bound, as threads come and go.
+        label_messages = self._label_messages
+        if len(label_messages) > MAX_KEPT_LABELS:
+            label_messages.clear()
         labels = self._labels
         add_sample = profile.sample.add
         for (ids, label_key), count in self._samples.items():
