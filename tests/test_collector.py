@@ -560,3 +560,54 @@ def test_a_stack_checked_once_is_skipped_until_the_maps_change(tmp_path, monkeyp
     assert table.processes[9].checked_stacks == set()
     assert table.observe_stacks(9, [(1, [0x1100]), (3, [0xa100])], now=10.0) is None
     assert seen[-1] == {0x1100, 0xa100} and table.processes[9].checked_stacks == {1, 3}
+
+
+class RecordingBinaries:
+    """Stands in for BinaryCache: records which files would be copied for the agent's user."""
+
+    def __init__(self):
+        self.requested: list[str] = []
+
+    def request(self, build_id: str, source: str) -> None:
+        self.requested.append(build_id)
+
+    def path_for(self, build_id: str) -> str:
+        return f"/cache/{build_id}"
+
+
+def test_a_binary_the_agent_cannot_open_goes_to_the_cache_and_the_answer_is_kept_a_while():
+    """A mapped file in a folder others cannot enter is offered to the binary cache (its
+    cache_path set); libc, open to all, is not. The answer is remembered per file for
+    READABLE_TTL: a process of the same binary started just after gets it without the stats,
+    and a permission change shows once that time has passed."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="parca-agent-private-", dir="/tmp")
+    binary = build_chain_workload(directory)  # readable by all, then made private:
+    os.chmod(directory, 0o700)
+    table = ProcessTable("/proc", BuildIdCache(), RecordingBinaries())
+    workloads = [subprocess.Popen([str(binary), "0", "100"]) for _ in range(3)]
+    try:
+        time.sleep(0.3)
+        now = time.monotonic()
+
+        def own(body):
+            return [m for m in body["mappings"] if m["path"] == str(binary)]
+
+        first = table.observe(workloads[0].pid, [], now=now)
+        assert own(first) and all(m["cache_path"] == f"/cache/{m['build_id']}"
+                                  for m in own(first))
+        libc = [m for m in first["mappings"] if "libc.so" in m["path"]]
+        assert libc and all(m["cache_path"] == "" for m in libc)
+        assert table.binaries.requested == [own(first)[0]["build_id"]] * len(own(first))
+        os.chmod(directory, 0o755)  # now open to all
+        second = table.observe(workloads[1].pid, [], now=now + 1)
+        assert all(m["cache_path"] for m in own(second)), "not remembered"
+        third = table.observe(workloads[2].pid, [], now=now + processes.READABLE_TTL + 1)
+        assert all(m["cache_path"] == "" for m in own(third)), "the change was never seen"
+    finally:
+        for w in workloads:
+            w.kill()
+            w.wait()
+        shutil.rmtree(directory)

@@ -31,6 +31,12 @@ REREAD_MAPS_AFTER = 1.0  # at most one maps re-read a second per process, whatev
 EXEC_RETRY_SECONDS = 0.02  # the wait before reading a process in execve again
 EXEC_RETRY_EVERY = 0.2  # at most one such wait per this many seconds
 MAX_PROCESSES = 32768
+# Whether the unprivileged services can open a mapped file themselves (else it goes to the
+# binary cache) takes a stat of the file and of every folder above it: remembered per path and
+# file identity for this long, as a process's mappings are mostly the files of the processes
+# before it. A permission change is seen this much later.
+READABLE_TTL = 60.0
+READABLE_MAX = 8192
 # Addresses remembered per process as already checked against its mappings (see observe):
 # beyond this many the set starts again, so memory stays bounded for a process that runs code
 # from everywhere. Starting again costs only the checks this saves.
@@ -83,6 +89,8 @@ class ProcessTable:
         self.metrics = metrics
         self.processes: dict[int, ProcessInfo] = {}
         self._last_retry = -1e9
+        # (path, file identity, host namespace) -> (readable, until when that holds)
+        self._readable: dict[tuple, tuple[bool, float]] = {}
         self._checked = 0  # addresses added to the checked sets since they were last counted
 
     def observe(self, pid: int, user_addresses: Iterable[int],
@@ -243,14 +251,14 @@ class ProcessTable:
         if st is None or entries is None:
             return None
         host_ns = proc.same_mount_namespace(pid, self.proc_path)
-        mappings = [self._mapping(pid, e, host_ns) for e in entries]
+        mappings = [self._mapping(pid, e, host_ns, now) for e in entries]
         mappings.sort(key=lambda m: m["start"])
         return ProcessInfo(pid=pid, start_time=st.start_time, comm=st.comm,
                            executable=proc.read_exe(pid, self.proc_path),
                            cmdline=proc.read_cmdline(pid, self.proc_path), mappings=mappings,
                            starts=[m["start"] for m in mappings], maps_read_at=now)
 
-    def _mapping(self, pid: int, entry: proc.MapEntry, host_ns: bool) -> dict:
+    def _mapping(self, pid: int, entry: proc.MapEntry, host_ns: bool, now: float) -> dict:
         mapping = {"start": entry.start, "limit": entry.limit, "offset": entry.offset,
                    "path": entry.path, "build_id": "", "cache_path": ""}
         if not entry.path.startswith("/"):
@@ -258,10 +266,23 @@ class ProcessTable:
         source = proc.mapped_file_path(pid, entry, self.proc_path)
         build_id, ident = self.build_ids.lookup(source)
         mapping["build_id"] = build_id
-        if build_id and self.binaries is not None and not _agent_can_read(entry.path, ident, host_ns):
+        if build_id and self.binaries is not None and not self._can_read(entry.path, ident,
+                                                                         host_ns, now):
             self.binaries.request(build_id, source)
             mapping["cache_path"] = self.binaries.path_for(build_id)
         return mapping
+
+    def _can_read(self, path: str, ident: tuple | None, host_ns: bool, now: float) -> bool:
+        """_agent_can_read, remembered for READABLE_TTL seconds."""
+        key = (path, ident, host_ns)
+        known = self._readable.get(key)
+        if known is not None and now < known[1]:
+            return known[0]
+        if len(self._readable) >= READABLE_MAX:
+            self._readable.clear()
+        readable = _agent_can_read(path, ident, host_ns)
+        self._readable[key] = (readable, now + READABLE_TTL)
+        return readable
 
     def _count(self, name: str) -> None:
         if self.metrics:
