@@ -562,6 +562,24 @@ def test_a_stack_checked_once_is_skipped_until_the_maps_change(tmp_path, monkeyp
     assert seen[-1] == {0x1100, 0xa100} and table.processes[9].checked_stacks == {1, 3}
 
 
+def test_only_checked_tells_a_drain_that_nothing_of_a_process_is_new(tmp_path, monkeypatch):
+    """only_checked: true (and the process noted as sampled) only when every stack id is in its
+    checked set; an unstable id (None), an unchecked one or an unknown pid sends the drain on
+    to observe_stacks."""
+    _fake_process(tmp_path, 9, 100, [(0x1000, 0x2000)])
+    table = ProcessTable(str(tmp_path), BuildIdCache(), None)
+    assert not table.only_checked(9, [1], 0.0)  # not read yet
+    table.observe_stacks(9, [(1, [0x1100]), (2, [0x1200])], now=0.0)
+    table.observe_stacks(9, [(1, [0x1100]), (2, [0x1200])], now=2.0)
+    assert table.processes[9].checked_stacks == {1, 2}
+    assert table.only_checked(9, [1, 2], 5.0) and table.processes[9].last_seen == 5.0
+    assert table.only_checked(9, [2], 6.0)
+    assert not table.only_checked(9, [1, None], 7.0)
+    assert not table.only_checked(9, [1, 3], 7.0)
+    assert table.processes[9].last_seen == 6.0
+    assert not table.only_checked(10, [1], 7.0)
+
+
 class RecordingBinaries:
     """Stands in for BinaryCache: records which files would be copied for the agent's user."""
 

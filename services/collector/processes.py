@@ -150,6 +150,16 @@ class ProcessTable:
         self._remember(fresh)
         return fresh.body()
 
+    def only_checked(self, pid: int, stack_ids: Iterable[int | None], now: float) -> bool:
+        """The common case of a drain, told without building observe_stacks' pairs: every
+        stack of pid (by stable id) was checked before. Then it is only noted as sampled."""
+        info = self.processes.get(pid)
+        if info is None or not info.checked_stacks or not info.checked_stacks.issuperset(
+                stack_ids):  # None (an id that is not stable) is never in the set
+            return False
+        info.last_seen = now
+        return True
+
     def observe_stacks(self, pid: int, stacks: list[tuple[int | None, Iterable[int]]],
                        now: float | None = None) -> dict | None:
         """observe() for the user stacks of pid in one drain, each (a stable id, i.e. the

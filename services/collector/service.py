@@ -322,9 +322,13 @@ class Collector:
         # Most new processes were read on a tick already (new_pids); this catches the rest
         # (remaps, pid reuse, a full new_pids map) and the ones announced since the last tick.
         self._read_new_processes()
-        observe = self.processes.observe_stacks
+        observe, only_checked = self.processes.observe_stacks, self.processes.only_checked
+        now = time.monotonic()
         for pid, indexes in user_stacks.items():
-            body = observe(pid, [(stable_ids[i], stacks[i]) for i in indexes])
+            ids = [stable_ids[i] for i in indexes]
+            if only_checked(pid, ids, now):
+                continue
+            body = observe(pid, list(zip(ids, map(stacks.__getitem__, indexes))), now)
             if body is not None:
                 self._publish_process(body, samples.get(pid, 1))
         self._announce_if_joined(time.monotonic())
