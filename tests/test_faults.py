@@ -78,6 +78,9 @@ def test_every_service_killed_in_turn_comes_back_and_profiles_resume(agent, tmp_
 
 def test_a_process_that_exits_before_symbolization_keeps_its_names(agent):
     binary = private_binary(agent, "shortlived")
+    # Sampling is on (any profile at all shows it): run alone, this test comes first, and a
+    # 1.5 s workload would be over before the collector has compiled its program.
+    assert agent.wait_for_profile(lambda labels: True, seconds=60), agent.log()
     # Runs 1.5 s and exits, long before its window closes and is symbolized.
     workload = subprocess.Popen([str(binary), "1.5", "100"])
     pid = workload.pid
