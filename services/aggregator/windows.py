@@ -401,9 +401,15 @@ class WindowAggregator:
         stacks = window.stack_list()
         # The target's samples as columns, in the order they came (the profile's order).
         keys = [key for key, _ in target.stacks]
-        pids = [key[1] for key in keys]
-        group_of, metas = self._layout_groups(pids)
-        user_keys = list(zip(map(group_of.__getitem__, pids), [key[3] for key in keys]))
+        if target.per_process:  # one process: one layout group (most targets on a busy host)
+            if meta is not None:
+                meta.last_used = time.monotonic()
+            metas = [meta]
+            user_keys = [(0, key[3]) for key in keys]
+        else:
+            pids = [key[1] for key in keys]
+            group_of, metas = self._layout_groups(pids)
+            user_keys = list(zip(map(group_of.__getitem__, pids), [key[3] for key in keys]))
         kernel_keys = [key[4] for key in keys]
         # Each layout group's distinct user stacks (0 is the empty stack).
         uids_of: dict[int, list[int]] = {}
