@@ -171,7 +171,7 @@ class UnwindLoader:
         st = proc.read_stat(pid, self.proc_path)
         entries = proc.read_maps(pid, self.proc_path)
         if st is None or entries is None or not entries:
-            self._unwatch_failed(pid)
+            self._unwatch(pid)
             return False
         started = time.perf_counter()
         mappings, files = [], []
@@ -188,7 +188,7 @@ class UnwindLoader:
         first = self.mapping_slots.allocate(len(mappings))
         if first is None:
             self._release_files(pid, files)
-            self._unwatch_failed(pid)
+            self._unwatch(pid)
             self._count("unwind_mapping_slots_full_total")
             return False
         self.sampler.write_unwind_mappings(first, mappings)
@@ -206,9 +206,10 @@ class UnwindLoader:
             self.metrics.set("unwind_last_load_seconds", took)
         return True
 
-    def _unwatch_failed(self, pid: int) -> None:
-        """After a failed load: a process loaded earlier under this pid (maybe another one)
-        is left to prune's stat check, which tells them apart by start time."""
+    def _unwatch(self, pid: int) -> None:
+        """Stop watching pid: it was dropped, or its load failed (then a process loaded
+        earlier under this pid, maybe another one, is left to prune's stat check, which tells
+        them apart by start time)."""
         if self.exits is not None:
             self.exits.unwatch(pid)
 
@@ -216,8 +217,7 @@ class UnwindLoader:
         loaded = self.processes.pop(pid, None)
         if loaded is None:
             return
-        if self.exits is not None:
-            self.exits.unwatch(pid)
+        self._unwatch(pid)
         self.sampler.drop_unwind_process(pid)
         self.mapping_slots.release(loaded.first_mapping, loaded.mappings)
         self._release_files(pid, loaded.files)
