@@ -112,6 +112,42 @@ def settle_gc() -> None:
     gc.set_threshold(20000, 20, 20)
 
 
+class Wakeup:
+    """A threading.Event that a ZeroMQ poller can sleep on too: ``fileno()`` is readable while
+    it is set. For a loop that sleeps on sockets and must also wake when another thread has
+    news (the pod watcher's "pods changed"), without waking on a timer to look."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # set and clear under one lock: the pipe is readable exactly while the event is set,
+        # or a poller could wake for a cleared event and find nothing to clear (a busy loop).
+        self._lock = threading.Lock()
+
+    def set(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            os.write(self._write_fd, b"x")
+
+    def clear(self) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                return
+            self._event.clear()
+            os.read(self._read_fd, 16)
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float | None) -> bool:
+        return self._event.wait(seconds)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+
 def poll_ms(deadline: float, cap: float = 5.0) -> int:
     """Milliseconds from now (monotonic) to ``deadline``, at least 0 and at most ``cap`` s;
     rounded up, so that a poll does not return just before its deadline and spin until it."""

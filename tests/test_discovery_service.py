@@ -41,8 +41,8 @@ def running_service(run_dir, log_path, topics: list[bytes], **env_values: str):
     """`python -m services.discovery` and a SUB socket on its endpoint; killed if a test fails
     before it stopped the service itself.
 
-    The socket connects before the service binds (ZeroMQ retries quickly), so that the first
-    snapshot usually arrives; the service's repeats cover the times it does not."""
+    The socket connects before the service binds (ZeroMQ retries quickly); the service's XPUB
+    sees it join and sends it the snapshot whenever it connects."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
@@ -114,3 +114,52 @@ def test_service_sends_heartbeats_with_its_metrics(tmp_path):
         assert "parca_agent_discovery_scans_total" in names
         service.send_signal(signal.SIGTERM)
         assert service.wait(timeout=5) == 0
+
+
+def test_a_subscriber_gets_the_snapshot_when_it_joins_not_on_a_timer(tmp_path):
+    """The snapshot repeats only every REPUBLISH_SECONDS (60 s); a subscriber that connects
+    later, or subscribes again on its socket (a gap to repair), is sent it at once because the
+    socket is a verbose XPUB. A subscription to another topic sends nothing."""
+    from services.discovery.service import REPUBLISH_SECONDS
+
+    assert REPUBLISH_SECONDS >= 30  # else the timings below could be the repeat's
+    with running_service(tmp_path, tmp_path / "discovery.log", [b"targets"]) as (service, sock):
+        next_targets(sock, lambda body: True)
+        time.sleep(2.0)  # long past start-up: nothing more comes on its own
+        assert not sock.poll(500)
+
+        ctx = zmq.Context.instance()
+        late = ctx.socket(zmq.SUB)
+        late.setsockopt(zmq.LINGER, 0)
+        late.setsockopt(zmq.SUBSCRIBE, b"")  # a tap: everything, targets included
+        late.connect(wire.endpoint(str(tmp_path), wire.ENDPOINT_DISCOVERY))
+        joined_at = time.monotonic()
+        next_targets(late, lambda body: body == {"targets": [], "filtering": False}, timeout=3.0)
+        assert time.monotonic() - joined_at < 1.5
+        # The first subscriber is sent it too (one publish goes to all); drain it.
+        next_targets(sock, lambda body: True, timeout=2.0)
+
+        sock.setsockopt(zmq.SUBSCRIBE, b"heartbeat")  # not targets: no snapshot for it
+        assert not _targets_within(sock, 1.0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"targets")  # again on the same socket: a join
+        assert _targets_within(sock, 1.5)
+
+        # A peer subscribing over and over gets a few snapshots a second, not one each.
+        for _ in range(200):
+            late.setsockopt(zmq.SUBSCRIBE, b"targets")
+        time.sleep(1.0)
+        count = 0
+        while late.poll(100):
+            count += wire.decode(late.recv_multipart()).type == "targets"
+        assert 1 <= count <= 8
+        late.close()
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=5) == 0
+
+
+def _targets_within(sock: zmq.Socket, seconds: float) -> bool:
+    try:
+        next_targets(sock, lambda body: True, timeout=seconds)
+        return True
+    except AssertionError:
+        return False

@@ -225,3 +225,32 @@ def test_collector_survives_fuzzed_targets_and_keeps_sampling(tmp_path, require_
     finally:
         assert stop(proc) == 0
         pubs.close()
+
+
+def test_discovery_survives_fuzzed_subscriptions_and_still_publishes(tmp_path):
+    """Discovery reads its own socket (an XPUB: a join sends the snapshot); an XSUB can send
+    it any frame, subscriptions to targets among them."""
+    run_dir = str(tmp_path)
+    proc = start_service("discovery", service_env(run_dir, str(tmp_path / "cache")),
+                         str(tmp_path / "discovery.log"))
+    ctx = zmq.Context()
+    try:
+        assert wait_until(lambda: os.path.exists(os.path.join(run_dir, wire.ENDPOINT_DISCOVERY))
+                          or proc.poll() is not None, 30)
+        xsub = ctx.socket(zmq.XSUB)
+        xsub.setsockopt(zmq.LINGER, 0)
+        xsub.connect(wire.endpoint(run_dir, wire.ENDPOINT_DISCOVERY))
+        time.sleep(0.3)
+        fuzz(types.SimpleNamespace(send=xsub.send_multipart),
+             [b"\x01", b"\x00", b"\x01targets", b"\x01t"], proc, 300)
+        xsub.close()
+        sub = Subscriber(run_dir, wire.ENDPOINT_DISCOVERY, [wire.TOPIC_TARGETS])
+        try:
+            got = sub.wait_for(lambda m: m.type == "targets", 5)
+        finally:
+            sub.close()
+        assert got is not None and got.body == {"targets": [], "filtering": False}, \
+            open(tmp_path / "discovery.log").read()[-3000:]
+    finally:
+        assert stop(proc) == 0
+        ctx.destroy(linger=0)

@@ -19,7 +19,7 @@ from typing import Any
 
 from services.discovery import cgroups
 from services.discovery.targets import Target
-from services.runtime import Metrics, RateLimitedLog
+from services.runtime import Metrics, RateLimitedLog, Wakeup
 
 # The API server ends a watch after this many seconds; we then watch again from the last
 # resourceVersion. Servers cap it themselves (kube-apiserver: 30-60 min); a few minutes also
@@ -104,7 +104,7 @@ class PodWatcher(threading.Thread):
         self.rate_log = RateLimitedLog(log, interval=30.0)
         self.metrics = metrics
         self.synced = threading.Event()
-        self.changed = threading.Event()
+        self.changed = Wakeup()  # the discovery loop polls it with its socket
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._pods: dict[str, list[Container]] = {}  # by "namespace/name"
@@ -160,10 +160,9 @@ class PodWatcher(threading.Thread):
         pods = {}
         for pod in body.get("items") or []:
             pods[_pod_key(pod)] = running_containers(pod)
-        self._replace(pods)
-        self.metrics.inc("kubernetes_lists_total")
         first = not self.synced.is_set()
-        self.synced.set()
+        self._replace(pods, first)
+        self.metrics.inc("kubernetes_lists_total")
         if first:
             self.log.info("Kubernetes discovery active: %d pods on node %s", len(pods), self.node)
         return (body.get("metadata") or {}).get("resourceVersion", "")
@@ -189,12 +188,14 @@ class PodWatcher(threading.Thread):
                 self._update(_pod_key(pod), None)
         return version
 
-    def _replace(self, pods: dict[str, list[Container]]) -> None:
+    def _replace(self, pods: dict[str, list[Container]], first: bool = False) -> None:
         with self._lock:
             changed = pods != self._pods
             self._pods = pods
             self.metrics.set("kubernetes_pods", len(pods))
-        if changed or not self.synced.is_set():
+        # In this order: the loop wakes on changed and must find the pods and synced set.
+        self.synced.set()
+        if changed or first:
             self.changed.set()
 
     def _update(self, key: str, containers: list[Container] | None) -> None:

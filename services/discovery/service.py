@@ -1,5 +1,5 @@
-"""The discovery loop: scan the sources, publish the whole set of targets on every change and
-every few seconds, send heartbeats, stop on SIGTERM."""
+"""The discovery loop: scan the sources, publish the whole set of targets on every change, to
+every subscriber that joins, and rarely otherwise; send heartbeats; stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -20,15 +20,16 @@ from services.settings import Settings
 # collector's filter within its 2 s budget of a new container's first process while reading
 # /proc/*/cgroup only half as often as every second would.
 RESCAN_SECONDS = 2.0
-# Unchanged snapshots are repeated this often, so a subscriber that starts late or lost a
-# message is whole again soon.
-REPUBLISH_SECONDS = 5.0
-# Services start together, and a PUB socket drops what it sends before a subscriber's
-# connection is up: repeat every second at first, so the collector gets its filter quickly.
-STARTUP_REPUBLISH_SECONDS = 1.0
-STARTUP_SECONDS = 10.0
-# The loop sleeps until its next scan, publish or heartbeat; pod watch events and the stop wake
-# it sooner.
+# The socket is an XPUB: a subscriber that connects (at start-up, after a restart, a tap) is
+# seen joining and gets the snapshot at once, so repeating it on a timer only guards against a
+# message lost at the high-water mark, which a snapshot this small and rare does not reach. A
+# repeat used to go out every 5 s; each woke discovery, the collector and the aggregator.
+REPUBLISH_SECONDS = 60.0
+# Joins within this long of a publish wait for the next one: a peer subscribing over and over
+# cannot make discovery publish more than a few times a second.
+JOIN_GAP_SECONDS = 0.2
+# The loop sleeps until its next scan, publish or heartbeat; subscriptions, pod watch events
+# and the stop wake it sooner.
 MAX_SLEEP_SECONDS = 5.0
 # With Kubernetes configured, the first snapshot waits this long for the first pod list: until
 # then we cannot tell a node with pods from a plain host, and guessing "plain host" would
@@ -71,7 +72,7 @@ def run(settings: Settings, stop: runtime.StopFlag, log: logging.Logger,
     runtime.prepare_run_dir(settings.run_dir)
     address = wire.endpoint(settings.run_dir, wire.ENDPOINT_DISCOVERY)
     ctx = zmq.Context()
-    sock = runtime.pub_socket(ctx, [address])
+    sock = runtime.pub_socket(ctx, [address], subscriptions=True)
     publisher = wire.Publisher("discovery")
     heartbeat = runtime.Heartbeat("discovery", publisher, metrics)
     errors = runtime.RateLimitedLog(log)
@@ -80,28 +81,33 @@ def run(settings: Settings, stop: runtime.StopFlag, log: logging.Logger,
     if settings.kubernetes:
         pod_watcher = start_pod_watcher(settings.kubeconfig, settings.node,
                                         settings.pod_label_selector, log, metrics)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)  # subscriptions
+    poller.register(stop.fileno(), zmq.POLLIN)
     if pod_watcher is not None:
-        stop.wake_also(pod_watcher.changed)
+        poller.register(pod_watcher.changed.fileno(), zmq.POLLIN)
     discovery = Discovery(settings, log, metrics, pod_watcher)
     log.info("discovery publishing on %s (kubernetes: %s, systemd units: %s)", address,
              "configured" if pod_watcher else "off", ",".join(settings.systemd_units) or "none")
 
     started = time.monotonic()
     next_scan = started
-    next_publish = started
+    next_publish = math.inf
+    last_publish = -math.inf
     last_body = None
     try:
         while not stop.is_set():
             now = time.monotonic()
+            first_list_due = started + FIRST_LIST_WAIT_SECONDS
             waiting_for_pods = (pod_watcher is not None and not pod_watcher.synced.is_set()
-                                and now - started < FIRST_LIST_WAIT_SECONDS)
+                                and now < first_list_due)
             pods_changed = pod_watcher is not None and pod_watcher.changed.is_set()
             body = None
             if not waiting_for_pods and (now >= next_scan or pods_changed):
                 if pod_watcher is not None:
                     pod_watcher.changed.clear()
                 # With no source (a plain host: every process profiled, one target each) the
-                # snapshot cannot change: one scan, then only the repeats and heartbeats.
+                # snapshot cannot change: one scan, then only joins, repeats and heartbeats.
                 static = pod_watcher is None and discovery.units is None
                 next_scan = math.inf if static else now + RESCAN_SECONDS
                 try:
@@ -113,24 +119,21 @@ def run(settings: Settings, stop: runtime.StopFlag, log: logging.Logger,
                 log.info("targets: %d (filtering: %s)", len(body["targets"]), body["filtering"])
                 last_body = body
                 next_publish = now
+            if _joined(sock):
+                metrics.inc("subscriber_joins_total")
+                next_publish = min(next_publish, max(now, last_publish + JOIN_GAP_SECONDS))
             if last_body is not None and now >= next_publish:
                 frames = publisher.encode("targets", last_body)
                 if runtime.send_nowait(sock, frames, metrics, socket_name="discovery"):
                     metrics.inc("snapshots_published_total")
-                starting = now - started < STARTUP_SECONDS
-                next_publish = now + (STARTUP_REPUBLISH_SECONDS if starting
-                                      else REPUBLISH_SECONDS)
+                last_publish = now
+                next_publish = now + REPUBLISH_SECONDS
             if heartbeat.due():
                 heartbeat.send(sock)
             due = min(next_scan, heartbeat.next_due,
-                      next_publish if last_body is not None else math.inf)
-            sleep = min(max(0.0, due - time.monotonic()), MAX_SLEEP_SECONDS)
-            if waiting_for_pods:
-                stop.wait(min(sleep, 0.2))  # the first pod list: look for it often
-            elif pod_watcher is not None:
-                pod_watcher.changed.wait(sleep)  # a pod change, or the stop (wake_also)
-            else:
-                stop.wait(sleep)
+                      next_publish if last_body is not None else math.inf,
+                      first_list_due if waiting_for_pods else math.inf)
+            poller.poll(runtime.poll_ms(due, cap=MAX_SLEEP_SECONDS))
     finally:
         if pod_watcher is not None:
             pod_watcher.stop()
@@ -138,3 +141,9 @@ def run(settings: Settings, stop: runtime.StopFlag, log: logging.Logger,
         ctx.term()
         runtime.unlink_endpoint(address)
         log.info("discovery stopped")
+
+
+def _joined(sock: zmq.Socket) -> bool:
+    """A subscriber joined that wants targets (its topic is a prefix of ``targets``: a tap that
+    takes everything too). Reads every subscription waiting."""
+    return any(wire.TOPIC_TARGETS.startswith(topic) for topic in runtime.new_subscriptions(sock))
