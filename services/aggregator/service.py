@@ -24,6 +24,9 @@ log = logging.getLogger("parca_agent.aggregator")
 # due time it sleeps to; this only bounds the harm of a wrong one, e.g. after a clock step).
 # 1 s, as it was, woke it once a second for nothing: ~0.1 ms/s, more on a busy host.
 MAX_SLEEP = 5.0
+# The collector drains on wall-clock multiples that the heartbeat's fall on too; its batch
+# reaches us within this long under load, and our heartbeat goes in that wake-up.
+HEARTBEAT_LAG = 0.5
 # After a gap in the collector's process messages the aggregator subscribes to them again: the
 # collector takes a subscription as a join and tells every process again (within ~2 s). Not
 # more often than this: one catch-up covers every message lost before it.
@@ -47,7 +50,10 @@ class Aggregator:
         self.pub = runtime.pub_socket(self.ctx, [self.address])
         self.shipper = ProfileSender(run_dir, ctx=self.ctx, metrics=metrics)
         self.publisher = wire.Publisher("aggregator")
-        self.heartbeat = runtime.Heartbeat("aggregator", self.publisher, metrics)
+        # Its heartbeat waits up to HEARTBEAT_LAG for the collector's batch of the same
+        # wall-clock multiple to wake it (see runtime.Heartbeat).
+        self.heartbeat = runtime.Heartbeat("aggregator", self.publisher, metrics,
+                                           lag=HEARTBEAT_LAG)
         self.gaps = wire.GapCounter()
         self._caught_up = -math.inf  # when process metadata was last asked for again
         self.bad_log = runtime.RateLimitedLog(log)

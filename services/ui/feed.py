@@ -23,6 +23,12 @@ MAX_BATCH = 200  # messages per poll turn, so the stop flag and heartbeats are n
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 1024
 MAX_METRICS = 4096
+# After a message wakes the feed it waits this long before reading: the heartbeats of the
+# other services, all sent on the same wall-clock multiple (runtime.Heartbeat), arrive within
+# it and are read in one wake-up instead of one each.
+GATHER_MS = 250
+# The UI's own heartbeat waits this long past the multiple for theirs to wake the feed.
+HEARTBEAT_LAG = 0.5
 
 log = logging.getLogger("parca_agent.ui")
 
@@ -37,7 +43,7 @@ class Feed:
         self.stop = stop
         self.bad_log = runtime.RateLimitedLog(log)
         self.gaps = wire.GapCounter()
-        self.heartbeat = runtime.Heartbeat("ui", wire.Publisher("ui"), metrics)
+        self.heartbeat = runtime.Heartbeat("ui", wire.Publisher("ui"), metrics, lag=HEARTBEAT_LAG)
         self.failed = False
         self.thread = threading.Thread(target=self._run, name="ui-feed", daemon=True)
 
@@ -56,6 +62,8 @@ class Feed:
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(self.stop.fileno(), zmq.POLLIN)
+        stop_only = zmq.Poller()
+        stop_only.register(self.stop.fileno(), zmq.POLLIN)
         try:
             while not self.stop.is_set():
                 if self.heartbeat.due():
@@ -63,7 +71,9 @@ class Feed:
                 # Sleep until a message, the stop or the next heartbeat.
                 if not poller.poll(runtime.poll_ms(self.heartbeat.next_due)):
                     continue
-                if self.stop.is_set():
+                # Messages come in bursts (every service's heartbeat on the same wall-clock
+                # multiple, a window's profiles): let the burst arrive, read it in one wake-up.
+                if self.stop.is_set() or stop_only.poll(GATHER_MS):
                     break
                 for _ in range(MAX_BATCH):
                     msg = runtime.receive(sub, self.metrics, self.gaps, self.bad_log)
