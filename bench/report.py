@@ -301,19 +301,29 @@ def reliability_section(results: dict) -> str:
                   "and in 10 s recordings back to back. perf's cost is nearly all in each "
                   "recording's start and exit, so its CPU per second falls with the recording's "
                   "length; the agent's does not.\n",
+                  steady_note(a),
                   md_table(["figure", "value"], [
-                      ["agent CPU-s per s", a["cpu_per_s"]],
+                      ["agent CPU-s per s (from 2 s after the load started)", a["cpu_per_s"]],
                       ["… by process", ", ".join(
                           f"{n} {v}" for n, v in a.get("cpu_per_s_by_process", {}).items())
                        or "not recorded"],
+                      [f"agent CPU-s per s, steady (from {fmt(a.get('steady_from_s'))} s)",
+                       a.get("cpu_steady_per_s")],
+                      ["… by process", ", ".join(
+                          f"{n} {v}" for n, v in a.get("cpu_steady_per_s_by_process",
+                                                       {}).items()) or "not recorded"],
                       ["perf CPU-s per s", lo["perf"]["cpu_per_s"]],
                       ["agent ÷ perf while it records", lo["cpu_ratio_to_perf"]],
-                      ["perf CPU-s per s incl. its exit", lo["perf"].get("cpu_total_per_s")],
-                      ["agent ÷ perf incl. its exit (goal < 1.0)", ratio(
+                      ["perf CPU-s per s incl. its exit (one recording)",
+                       lo["perf"].get("cpu_total_per_s")],
+                      ["agent ÷ perf's one recording incl. its exit", ratio(
                           a["cpu_per_s"], lo["perf"].get("cpu_total_per_s"))],
                   ] + [row for name, w in lo.get("perf_windows", {}).items() for row in (
                       [f"{name} CPU-s per s (every run's start and exit)", w["cpu_per_s"]],
-                      [f"agent ÷ {name}", w["agent_ratio"]])] + [
+                      [f"agent ÷ {name}", w["agent_ratio"]],
+                      [f"agent (steady) ÷ {name}" + (" (goal < 1.0)" if name == "perf-60s"
+                                                      else ""),
+                       w.get("agent_steady_ratio")])] + [
                       ["samples taken in the kernel", a.get("samples_seen_in_kernel")],
                       ["samples drained by the collector", a["samples_drained"]],
                       ["samples received by the aggregator", a["samples_received"]],
@@ -325,6 +335,18 @@ def reliability_section(results: dict) -> str:
         parts.append("No churn or load run yet (`python -m bench churn`, `python -m bench load`).")
     parts.append(END)
     return "\n".join(parts)
+
+
+def steady_note(agent: dict) -> str:
+    if "cpu_steady_per_s" not in agent:
+        return "(This run predates the steady figure.)\n"
+    return ("The agent's CPU is given from 2 s after the load started, which includes its "
+            "start-up work for the 200 new processes (reading them, loading their unwind "
+            "tables, reading their binaries' symbols; on this fresh cache directory also "
+            "building the tables of the load's binary and libc), and steady, from "
+            f"{fmt(agent['steady_from_s'])} s. The goal (benchmarks.md: the agent's steady "
+            "CPU against perf in 60 s recordings, each paying its start and exit) is judged "
+            "on the steady figure, as the overhead bench's is.\n")
 
 
 def write() -> None:
