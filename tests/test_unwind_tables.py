@@ -418,3 +418,68 @@ def test_loader_watches_loaded_processes_and_drops_one_that_exited_unreaped(fram
         a.wait()
     assert not loader.load(a.pid) and len(loader.exits) == 0
     loader.stop()
+
+
+def test_loader_uses_the_process_tables_reading_and_reads_itself_when_it_does_not_fit(
+        framed_binary, monkeypatch):
+    """The collector hands the loader the maps and file identities its process table just read
+    (MapsSnapshot): the loader then neither reads the maps nor stats map_files again, and
+    places exactly what it would have placed reading them itself. A snapshot of another
+    process under the same pid (start time) or an old one is not used."""
+    import dataclasses
+
+    from services.collector import proc
+    from services.collector.build_id import BuildIdCache
+    from services.collector.processes import ProcessTable
+    from services.collector.unwind import loader as loader_module
+
+    a = subprocess.Popen([str(framed_binary), "wait"])
+    own = UnwindLoader(RecordingMaps())
+    try:
+        time.sleep(0.2)
+        table = ProcessTable("/proc", BuildIdCache(), None)
+        assert table.observe(a.pid, ()) is not None
+        snapshot = table.take_maps(a.pid)
+        assert snapshot is not None and table.take_maps(a.pid) is None  # handed over once
+        assert any(path.startswith("/") for path in (e.path for e in snapshot.entries))
+
+        reads, lookups = [], []
+        read_maps = proc.read_maps
+        monkeypatch.setattr(loader_module.proc, "read_maps",
+                            lambda *args: reads.append(args) or read_maps(*args))
+        maps = RecordingMaps()
+        loader = UnwindLoader(maps)
+        lookup = loader.build_ids.lookup
+        monkeypatch.setattr(loader.build_ids, "lookup",
+                            lambda source: lookups.append(source) or lookup(source))
+        assert loader.load(a.pid, snapshot)
+        assert reads == [] and lookups == []
+        # The same placement as a loader that reads the process itself.
+        assert own.load(a.pid) and len(reads) == 1
+        first, count = maps.processes[a.pid]
+        own_first, own_count = own.sampler.processes[a.pid]
+        assert [maps.mappings[i] for i in range(first, first + count)] == \
+            [own.sampler.mappings[i] for i in range(own_first, own_first + own_count)]
+        assert sum(1 for m in maps.mappings.values() if m[4]) >= 2  # rows: binary and libc
+
+        reused = dataclasses.replace(snapshot, start_time=snapshot.start_time + 1)
+        assert loader.load(a.pid, reused) and len(reads) == 2 and lookups
+        old = dataclasses.replace(snapshot, read_at=time.monotonic() - loader_module.MAPS_FRESH)
+        assert loader.load(a.pid, old) and len(reads) == 3
+
+        # Through the loader's own thread, as the collector requests it.
+        threaded = UnwindLoader(RecordingMaps())
+        threaded.start()
+        try:
+            threaded.request(a.pid, 1, dataclasses.replace(snapshot, read_at=time.monotonic()))
+            deadline = time.monotonic() + 10
+            while a.pid not in threaded.sampler.processes and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert a.pid in threaded.sampler.processes and len(reads) == 3
+        finally:
+            threaded.stop()
+        loader.stop()
+    finally:
+        a.kill()
+        a.wait()
+        own.stop()

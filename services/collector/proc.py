@@ -30,6 +30,18 @@ class MapEntry:
     deleted: bool
 
 
+@dataclass(frozen=True)
+class MapsSnapshot:
+    """A process's mappings as the process table read them (``read_at``: monotonic), with each
+    file's (build id, identity) by mapping start. Handed to the unwind loader, which would
+    otherwise read the maps again and stat every /proc/<pid>/map_files entry again (~45 us each
+    on a busy host) for a process it loads right after."""
+    start_time: int
+    read_at: float
+    entries: tuple[MapEntry, ...]
+    files: dict[int, tuple[str, tuple | None]]
+
+
 def read_stat(pid: int, proc: str = "/proc") -> ProcStat | None:
     # os.open/os.read: read every few seconds for each sampled process, and a buffered file
     # object costs more than the read itself.

@@ -68,6 +68,8 @@ class ProcessInfo:
     # outside: a drain skips them instead of gathering and comparing their addresses again,
     # which was most of a drain's work with a few hundred processes.
     checked_stacks: set[int] = field(default_factory=set)
+    # What the read found, for the unwind loader (taken, then None: see take_maps).
+    maps: proc.MapsSnapshot | None = None
 
     def covers(self, address: int) -> bool:
         i = bisect.bisect_right(self.starts, address) - 1
@@ -261,20 +263,31 @@ class ProcessTable:
         if st is None or entries is None:
             return None
         host_ns = proc.same_mount_namespace(pid, self.proc_path)
-        mappings = [self._mapping(pid, e, host_ns, now) for e in entries]
+        files: dict[int, tuple[str, tuple | None]] = {}
+        mappings = [self._mapping(pid, e, host_ns, now, files) for e in entries]
         mappings.sort(key=lambda m: m["start"])
         return ProcessInfo(pid=pid, start_time=st.start_time, comm=st.comm,
                            executable=proc.read_exe(pid, self.proc_path),
                            cmdline=proc.read_cmdline(pid, self.proc_path), mappings=mappings,
-                           starts=[m["start"] for m in mappings], maps_read_at=now)
+                           starts=[m["start"] for m in mappings], maps_read_at=now,
+                           maps=proc.MapsSnapshot(st.start_time, now, tuple(entries), files))
 
-    def _mapping(self, pid: int, entry: proc.MapEntry, host_ns: bool, now: float) -> dict:
+    def take_maps(self, pid: int) -> proc.MapsSnapshot | None:
+        """The maps just read for pid, once (they are not kept: the loader wants them fresh)."""
+        info = self.processes.get(pid)
+        if info is None:
+            return None
+        maps, info.maps = info.maps, None
+        return maps
+
+    def _mapping(self, pid: int, entry: proc.MapEntry, host_ns: bool, now: float,
+                 files: dict) -> dict:
         mapping = {"start": entry.start, "limit": entry.limit, "offset": entry.offset,
                    "path": entry.path, "build_id": "", "cache_path": ""}
         if not entry.path.startswith("/"):
             return mapping  # [vdso]
         source = proc.mapped_file_path(pid, entry, self.proc_path)
-        build_id, ident = self.build_ids.lookup(source)
+        build_id, ident = files[entry.start] = self.build_ids.lookup(source)
         mapping["build_id"] = build_id
         if build_id and self.binaries is not None and not self._can_read(entry.path, ident,
                                                                          host_ns, now):

@@ -245,8 +245,9 @@ class Collector:
         (re)load its tables, unless it is one of the agent's own processes; ``samples`` (its
         samples lately) ranks it in the loader's queue."""
         self._send("process", body)
+        maps = self.processes.take_maps(body["pid"])
         if self.unwinder is not None and not self._is_agent(body["pid"]):
-            self.unwinder.request(body["pid"], max(1, samples))
+            self.unwinder.request(body["pid"], max(1, samples), maps)
 
     def _announce_if_joined(self, now: float) -> bool:
         """Make every process due for republishing if a subscriber joined (at most every

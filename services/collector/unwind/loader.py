@@ -37,6 +37,9 @@ log = logging.getLogger("parca_agent.collector.unwind")
 # longer (a reused pid is reloaded as soon as it is sampled, without waiting for this).
 PRUNE_EVERY = 5.0
 WAITING_MAX = 4096  # pids waiting for tables; beyond, requests are dropped and counted
+# Seconds a process table's reading of a process's maps is used instead of reading them again
+# (a process that maps more later is requested again, with what the table read then).
+MAPS_FRESH = 10.0
 
 
 @dataclass
@@ -78,10 +81,12 @@ class UnwindLoader:
         # pidfds only name processes of this pid namespace, which /proc is.
         self.exits = ExitWatch() if proc_path == "/proc" else None
         self._waiting: dict[int, int] = {}  # pid -> samples seen while waiting
+        self._maps: dict[int, proc.MapsSnapshot] = {}  # what the requester read, by waiting pid
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._stats: dict[str, int] = {}
+        self._next_maps: proc.MapsSnapshot | None = None  # of the pid _next returned
 
     # --- called from the collector's loop --------------------------------------------------
 
@@ -89,13 +94,18 @@ class UnwindLoader:
         self._thread = threading.Thread(target=self._run, name="unwind-loader", daemon=True)
         self._thread.start()
 
-    def request(self, pid: int, samples: int = 1) -> None:
-        """Load (or reload, after a remap) pid's tables soon; busier processes first."""
+    def request(self, pid: int, samples: int = 1, maps: proc.MapsSnapshot | None = None) -> None:
+        """Load (or reload, after a remap) pid's tables soon; busier processes first. ``maps``:
+        what the caller just read of the process, used unless it is stale by then."""
         with self._wake:
             if pid not in self._waiting and len(self._waiting) >= WAITING_MAX:
                 self._count("unwind_load_requests_dropped_total")
                 return
             self._waiting[pid] = self._waiting.get(pid, 0) + samples
+            if maps is not None:
+                self._maps[pid] = maps
+            else:
+                self._maps.pop(pid, None)
             self._wake.notify()
 
     def note_samples(self, samples: dict[int, int]) -> None:
@@ -145,6 +155,7 @@ class UnwindLoader:
                 return -1
             pid = max(self._waiting, key=self._waiting.__getitem__)
             del self._waiting[pid]
+            self._next_maps = self._maps.pop(pid, None)
             return pid
 
     def _run(self) -> None:
@@ -155,7 +166,8 @@ class UnwindLoader:
                 return
             try:
                 if pid >= 0:
-                    self.load(pid)
+                    self.load(pid, self._next_maps)
+                    self._next_maps = None
                 if time.monotonic() >= next_prune:
                     self.prune()
                     next_prune = time.monotonic() + PRUNE_EVERY
@@ -163,13 +175,23 @@ class UnwindLoader:
                 log.exception("unwind table loading failed for pid %d", pid)
                 self._count("unwind_load_errors_total")
 
-    def load(self, pid: int) -> bool:
-        """Give pid its tables in BPF; False when it is gone or has nothing to unwind."""
+    def load(self, pid: int, maps: proc.MapsSnapshot | None = None) -> bool:
+        """Give pid its tables in BPF; False when it is gone or has nothing to unwind. ``maps``:
+        the process's maps as read lately, used when they belong to the same process (its
+        start time) and are fresh, instead of reading them and their files' identities again."""
         # Watched before its stat is read (see ExitWatch.watch). A reload watches again.
         if self.exits is not None:
             self.exits.watch(pid)
         st = proc.read_stat(pid, self.proc_path)
-        entries = proc.read_maps(pid, self.proc_path)
+        known: dict[int, tuple[str, tuple | None]] = {}
+        if st is None:
+            entries = None
+        elif (maps is not None and maps.start_time == st.start_time
+                and time.monotonic() - maps.read_at < MAPS_FRESH):
+            entries, known = maps.entries, maps.files
+            self._count("unwind_maps_reused_total")
+        else:
+            entries = proc.read_maps(pid, self.proc_path)
         if st is None or entries is None or not entries:
             self._unwatch(pid)
             return False
@@ -178,7 +200,7 @@ class UnwindLoader:
         for entry in sorted(entries, key=lambda e: e.start):
             first_row, rows, bias, table_id = 0, 0, 0, 0
             if entry.path.startswith("/"):
-                placed = self._place(pid, entry)
+                placed = self._place(pid, entry, known.get(entry.start))
                 if placed is not None:
                     key, resident, bias = placed
                     first_row, rows, table_id = resident.first_row, resident.rows, \
@@ -238,10 +260,13 @@ class UnwindLoader:
             self.metrics.set("unwind_processes_watched", len(exits))
         return len(gone)
 
-    def _place(self, pid: int, entry: proc.MapEntry) -> tuple[str, ResidentTable, int] | None:
-        """(file key, its resident table, bias) of the mapping's table, now in BPF."""
+    def _place(self, pid: int, entry: proc.MapEntry,
+               known: tuple[str, tuple | None] | None = None
+               ) -> tuple[str, ResidentTable, int] | None:
+        """(file key, its resident table, bias) of the mapping's table, now in BPF. ``known``:
+        the file's (build id, identity) when the caller has them."""
         source = proc.mapped_file_path(pid, entry, self.proc_path)
-        build_id, ident = self.build_ids.lookup(source)
+        build_id, ident = known if known is not None else self.build_ids.lookup(source)
         if not build_id and ident is None:
             return None
         key = build_id or "file:" + ":".join(map(str, ident))
