@@ -303,23 +303,23 @@ def reliability_section(results: dict) -> str:
                   "length; the agent's does not.\n",
                   steady_note(a),
                   md_table(["figure", "value"], [
-                      ["agent CPU-s per s (from 2 s after the load started)", a["cpu_per_s"]],
+                      ["agent CPU-s per s (from 2 s after the load started)", cpu4(a["cpu_per_s"])],
                       ["… by process", ", ".join(
                           f"{n} {v}" for n, v in a.get("cpu_per_s_by_process", {}).items())
                        or "not recorded"],
                       [f"agent CPU-s per s, steady (from {fmt(a.get('steady_from_s'))} s)",
-                       a.get("cpu_steady_per_s")],
+                       cpu4(a.get("cpu_steady_per_s"))],
                       ["… by process", ", ".join(
                           f"{n} {v}" for n, v in a.get("cpu_steady_per_s_by_process",
                                                        {}).items()) or "not recorded"],
-                      ["perf CPU-s per s", lo["perf"]["cpu_per_s"]],
+                      ["perf CPU-s per s", cpu4(lo["perf"]["cpu_per_s"])],
                       ["agent ÷ perf while it records", lo["cpu_ratio_to_perf"]],
                       ["perf CPU-s per s incl. its exit (one recording)",
-                       lo["perf"].get("cpu_total_per_s")],
+                       cpu4(lo["perf"].get("cpu_total_per_s"))],
                       ["agent ÷ perf's one recording incl. its exit", ratio(
                           a["cpu_per_s"], lo["perf"].get("cpu_total_per_s"))],
                   ] + [row for name, w in lo.get("perf_windows", {}).items() for row in (
-                      [f"{name} CPU-s per s (every run's start and exit)", w["cpu_per_s"]],
+                      [f"{name} CPU-s per s (every run's start and exit)", cpu4(w["cpu_per_s"])],
                       [f"agent ÷ {name}", w["agent_ratio"]],
                       [f"agent (steady) ÷ {name}" + (" (goal < 1.0)" if name == "perf-60s"
                                                       else ""),
@@ -335,6 +335,11 @@ def reliability_section(results: dict) -> str:
         parts.append("No churn or load run yet (`python -m bench churn`, `python -m bench load`).")
     parts.append(END)
     return "\n".join(parts)
+
+
+def cpu4(value) -> str:
+    """CPU-s per s to four places: the load's figures are a few thousandths."""
+    return "—" if value is None else f"{value:.4f}"
 
 
 def steady_note(agent: dict) -> str:
