@@ -217,7 +217,18 @@ class ProfileSender:
 class ReceivedProfile:
     peer: bytes  # the ROUTER identity of the sender, to address the ack
     message: wire.Message  # a ``profile`` message
-    frames: list[bytes]  # the profile as one ``profile`` message: what the spool keeps
+    _frames: list[bytes] | None = None
+    # Encodes a profile of a batch as its own ``profile`` message when first asked for: a
+    # shipper without a store never asks (~10 us a profile, a few hundred profiles a window).
+    _encoder: wire.Publisher | None = None
+
+    @property
+    def frames(self) -> list[bytes]:
+        """The profile as one ``profile`` message: what the spool keeps."""
+        if self._frames is None:
+            assert self._encoder is not None
+            self._frames = self._encoder.encode("profile", self.message.body)
+        return self._frames
 
 
 @dataclass
@@ -287,7 +298,7 @@ class ProfileInbox:
             received.append(ReceivedProfile(
                 peer, wire.Message("profile", body, src=msg.src, seq=msg.seq, ts=msg.ts,
                                    version=msg.version, topic=wire.TOPIC_PROFILE),
-                self._unbatcher.encode("profile", body)))
+                _encoder=self._unbatcher))
         return Delivery(peer, batch_id, received)
 
     def ack(self, peer: bytes, profile_id: str) -> None:

@@ -221,3 +221,26 @@ def test_an_unacknowledged_batch_is_resent_whole_under_its_id(tmp_path):
     finally:
         sender.close()
         inbox.close()
+
+
+def test_a_batch_profile_is_encoded_as_its_own_message_only_when_asked_for(tmp_path):
+    """A profile of a batch becomes its own ``profile`` message (the spool's unit) when the
+    shipper asks for its frames, not on receipt: without a store it never asks."""
+    inbox = ProfileInbox(str(tmp_path), runtime.Metrics("test"))
+    sender = ProfileSender(str(tmp_path), metrics=runtime.Metrics("test"))
+    try:
+        sender.send_many([profile_body(1), profile_body(2)])
+        delivery = None
+        deadline = time.monotonic() + 5
+        while delivery is None and time.monotonic() < deadline:
+            delivery = inbox.receive()
+            time.sleep(0.01)
+        assert delivery is not None and len(delivery.profiles) == 2
+        assert all(p._frames is None for p in delivery.profiles)
+        for n, received in zip((1, 2), delivery.profiles):
+            msg = wire.decode(received.frames)
+            assert msg.type == "profile" and msg.body == profile_body(n)
+            assert received.frames is received.frames  # encoded once
+    finally:
+        sender.close()
+        inbox.close()
