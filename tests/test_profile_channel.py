@@ -227,12 +227,15 @@ def test_a_batch_profile_is_encoded_as_its_own_message_only_when_asked_for(tmp_p
     """A profile of a batch becomes its own ``profile`` message (the spool's unit) when the
     shipper asks for its frames, not on receipt: without a store it never asks."""
     inbox = ProfileInbox(str(tmp_path), runtime.Metrics("test"))
-    sender = ProfileSender(str(tmp_path), metrics=runtime.Metrics("test"))
+    # The sender's socket drops what it sends before its connection is up (IMMEDIATE) and
+    # resends after resend_after: poll it while waiting.
+    sender = ProfileSender(str(tmp_path), resend_after=0.2, metrics=runtime.Metrics("test"))
     try:
         sender.send_many([profile_body(1), profile_body(2)])
         delivery = None
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while delivery is None and time.monotonic() < deadline:
+            sender.poll()
             delivery = inbox.receive()
             time.sleep(0.01)
         assert delivery is not None and len(delivery.profiles) == 2

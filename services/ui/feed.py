@@ -76,10 +76,14 @@ class Feed:
                 if self.stop.is_set() or stop_only.poll(GATHER_MS):
                     break
                 for _ in range(MAX_BATCH):
-                    msg = runtime.receive(sub, self.metrics, self.gaps, self.bad_log)
-                    if msg is None:
+                    # Asked of the socket, not told by receive(): it returns None for a
+                    # malformed message too, and stopping at one would leave the rest of the
+                    # burst for the next wake-up, a gather later (garbage would starve it).
+                    if not sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
-                    self.handle(msg)
+                    msg = runtime.receive(sub, self.metrics, self.gaps, self.bad_log)
+                    if msg is not None:
+                        self.handle(msg)
         except Exception:  # a bug here must not leave a UI that silently shows stale data
             log.exception("the feed thread failed; stopping the UI")
             self.failed = True
