@@ -324,9 +324,11 @@ class Heartbeat:
 
     def send(self, sock: zmq.Socket) -> None:
         wall, now = time.time(), time.monotonic()
-        # The next multiple at least half an interval away: one sent early (within SLACK) or
-        # late (within lag, or after soon()) is not followed by another at once.
-        boundary = (math.floor((wall + HEARTBEAT_INTERVAL / 2) / HEARTBEAT_INTERVAL) + 1) \
+        # The next multiple more than SLACK away: one sent early (within SLACK of the
+        # multiple) or late (within lag) is next sent on the multiple after. The first (at
+        # start, or after soon()) is followed by the next multiple, however near: at most an
+        # interval apart, so a subscriber that missed the first waits no longer than before.
+        boundary = (math.floor((wall + self.SLACK) / HEARTBEAT_INTERVAL) + 1) \
             * HEARTBEAT_INTERVAL
         self._earliest = now + (boundary - wall) - self.SLACK
         self._next = self._earliest + self.SLACK + self.lag

@@ -86,13 +86,13 @@ def test_heartbeats_fall_on_the_same_wall_clock_multiples_for_every_service():
         beat.send(Sent())
         assert not beat.due()
     wall, now = time.time(), time.monotonic()
-    boundary = (int((wall + interval / 2) / interval) + 1) * interval
+    boundary = (int((wall + runtime.Heartbeat.SLACK) / interval) + 1) * interval
     for beat in beats:
         earliest = beat.next_due - beat.lag - runtime.Heartbeat.SLACK
-        # Earliest is SLACK before the multiple, at least half an interval away; the deadline
-        # is lag after it.
+        # Earliest is SLACK before the next multiple (more than SLACK away, at most an
+        # interval); the deadline is lag after it.
         assert abs((earliest - now) - (boundary - wall - runtime.Heartbeat.SLACK)) < 0.01
-        assert boundary - wall >= interval / 2 - 0.01
+        assert runtime.Heartbeat.SLACK - 0.01 <= boundary - wall <= interval + 0.06
     firsts = {round(beat.next_due - beat.lag, 2) for beat in beats}
     assert len(firsts) == 1  # the same multiple for all, whatever their lag
 
