@@ -86,7 +86,6 @@ class UnwindLoader:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._stats: dict[str, int] = {}
-        self._next_maps: proc.MapsSnapshot | None = None  # of the pid _next returned
 
     # --- called from the collector's loop --------------------------------------------------
 
@@ -144,30 +143,30 @@ class UnwindLoader:
 
     # --- the work (the loader thread) ------------------------------------------------------
 
-    def _next(self, timeout: float) -> int | None:
-        """The busiest waiting pid, -1 when none came within timeout, None to stop."""
+    def _next(self, timeout: float) -> tuple[int, proc.MapsSnapshot | None] | None:
+        """The busiest waiting pid with the maps its requester read (pid -1 when none came
+        within timeout), None to stop."""
         with self._wake:
             if not self._waiting and not self._stopping:
                 self._wake.wait(timeout)
             if self._stopping:
                 return None
             if not self._waiting:
-                return -1
+                return -1, None
             pid = max(self._waiting, key=self._waiting.__getitem__)
             del self._waiting[pid]
-            self._next_maps = self._maps.pop(pid, None)
-            return pid
+            return pid, self._maps.pop(pid, None)
 
     def _run(self) -> None:
         next_prune = time.monotonic() + PRUNE_EVERY
         while True:
-            pid = self._next(max(0.05, next_prune - time.monotonic()))
-            if pid is None:
+            job = self._next(max(0.05, next_prune - time.monotonic()))
+            if job is None:
                 return
+            pid, maps = job
             try:
                 if pid >= 0:
-                    self.load(pid, self._next_maps)
-                    self._next_maps = None
+                    self.load(pid, maps)
                 if time.monotonic() >= next_prune:
                     self.prune()
                     next_prune = time.monotonic() + PRUNE_EVERY
