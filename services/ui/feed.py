@@ -62,8 +62,6 @@ class Feed:
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(self.stop.fileno(), zmq.POLLIN)
-        stop_only = zmq.Poller()
-        stop_only.register(self.stop.fileno(), zmq.POLLIN)
         try:
             while not self.stop.is_set():
                 if self.heartbeat.due():
@@ -73,7 +71,7 @@ class Feed:
                     continue
                 # Messages come in bursts (every service's heartbeat on the same wall-clock
                 # multiple, a window's profiles): let the burst arrive, read it in one wake-up.
-                if self.stop.is_set() or stop_only.poll(GATHER_MS):
+                if self.stop.wait(GATHER_MS / 1000):
                     break
                 for _ in range(MAX_BATCH):
                     # Asked of the socket, not told by receive(): it returns None for a
